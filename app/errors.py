@@ -1,0 +1,127 @@
+"""Eddy's exception tree.
+
+Every error a client can cause is an `EddyError` with a stable `code` and an HTTP
+`status`; `app.web` turns them into responses (and `app.ws` into error frames) in
+exactly one place. Anything else reaching a handler is a bug and answers 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EddyError(Exception):
+    """Base of every error with a client-facing meaning."""
+
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ConfigurationError(EddyError):
+    """The environment is missing a setting or holds a bad one (raised at start-up)."""
+
+    code = "configuration"
+    status = 500
+
+
+class Malformed(EddyError):
+    """The request body is not JSON, or not a JSON object."""
+
+    code = "malformed"
+    status = 400
+
+
+class Invalid(EddyError):
+    """The payload breaks the command's schema; `fields` lists `{path, message}`."""
+
+    code = "invalid"
+    status = 422
+
+
+class UnknownCommand(EddyError):
+    """No command type of that name exists."""
+
+    code = "unknown_command"
+    status = 404
+
+
+class NotFound(EddyError):
+    """The tenant has no such command, aggregate or read-model row."""
+
+    code = "not_found"
+    status = 404
+
+
+class Unauthenticated(EddyError):
+    """No token, or a token that is expired, forged or missing a claim."""
+
+    code = "unauthenticated"
+    status = 401
+
+
+class Forbidden(EddyError):
+    """A valid token whose roles do not allow the action."""
+
+    code = "forbidden"
+    status = 403
+
+
+class TooLarge(EddyError):
+    """The body is over `EDDY_MAX_BODY_BYTES`."""
+
+    code = "too_large"
+    status = 413
+
+
+class IdempotencyConflict(EddyError):
+    """An `Idempotency-Key` already names a different command (another type or aggregate)."""
+
+    code = "idempotency_conflict"
+    status = 409
+
+
+class BadPosition(EddyError):
+    """A position token (`?after=`, `Last-Event-ID`, `since`) that Eddy did not issue."""
+
+    code = "bad_position"
+    status = 400
+
+
+class BadRequest(EddyError):
+    """A query parameter or header with a wrong value."""
+
+    code = "bad_request"
+    status = 400
+
+
+class Stale(EddyError):
+    """The read model did not reach the `?after=` position in time."""
+
+    code = "stale"
+    status = 504
+
+
+class Unavailable(EddyError):
+    """Redis or Postgres cannot be reached; nothing was accepted, retry with the same key."""
+
+    code = "unavailable"
+    status = 503
+
+
+class Rejected(EddyError):
+    """A command broken by a domain rule (raised by a context's `decide`).
+
+    Becomes the command's `failed` status with `{code, message}`; with `?wait=` a 409.
+    """
+
+    code = "rejected"
+    status = 409
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,137 @@
+"""Wire messages: the event envelope, the command record, and the base classes of
+every context's commands, events and aggregate states.
+
+All are frozen, kw-only msgspec Structs. Schema evolution follows msgspec's rules:
+a new field gets a default, an annotation never changes; an incompatible change
+bumps the event's `schema_version` and adds an upcaster.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every command payload. The class name is the command type."""
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every event payload. The class name is the event type."""
+
+    schema_version: ClassVar[int] = 1
+
+
+class State(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every aggregate state (kept in Redis, never shown to clients)."""
+
+
+class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    command_id: str
+    correlation_id: str
+    causation_id: str
+    actor: str
+    session_id: str | None = None
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """The one DTO of an event, for HTTP, SSE, WebSocket and the streams.
+
+    In the stream the `position` is empty: it is the entry's id, filled in by readers.
+    """
+
+    id: str
+    type: str
+    schema_version: int
+    context: str
+    aggregate_id: str
+    aggregate_version: int
+    tenant_id: str
+    occurred_at: datetime
+    position: str = ""
+    payload: msgspec.Raw
+    metadata: Metadata
+
+
+class CommandRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A command as it travels through its command stream."""
+
+    id: str
+    type: str
+    tenant_id: str
+    actor: str
+    roles: list[str]
+    correlation_id: str
+    aggregate_id: str
+    accepted_at: datetime
+    payload: msgspec.Raw
+
+
+class Issued(msgspec.Struct, frozen=True, kw_only=True):
+    """Who issued a command and when: what `decide` may know besides the state."""
+
+    command_id: str
+    tenant_id: str
+    actor: str
+    roles: tuple[str, ...]
+    now: datetime
+
+
+Decide = Callable[[Any, Any, Issued], Sequence[Event]]
+Evolve = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class Context:
+    """A bounded context: its messages and its pure decision functions.
+
+    `decide(state | None, command, issued)` returns the events a command causes or
+    raises `Rejected`; `evolve(state | None, event)` folds one event into the state.
+    `session_of(state, event)` names the chat session an event is tied to, if any.
+    """
+
+    name: str
+    aggregate_field: str
+    commands: tuple[type[Command], ...]
+    events: tuple[type[Event], ...]
+    state: type[State]
+    decide: Decide
+    evolve: Evolve
+    roles: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Roles allowed per command type; a type not listed allows `DEFAULT_ROLES`."""
+    session_of: Callable[[Any, Any], str | None] = lambda state, event: None
+
+    def allowed_roles(self, command_type: str) -> frozenset[str]:
+        return self.roles.get(command_type, DEFAULT_ROLES)
+
+
+DEFAULT_ROLES = frozenset({"admin", "agent", "user"})
+ROLES = frozenset({"admin", "agent", "user", "observer"})
+
+ID_NAMESPACE = uuid.UUID("5b0c3a52-3f51-4e0b-9a43-6e6479000001")
+
+
+def derived_id(tenant_id: str, command_id: str) -> str:
+    """The id the server makes for an omitted aggregate id.
+
+    Derived from the command id, so a retried submission names the same aggregate.
+    """
+    return str(uuid.uuid5(ID_NAMESPACE, f"{tenant_id}\x00{command_id}"))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+envelope_encoder = msgspec.json.Encoder()
+envelope_decoder = msgspec.json.Decoder(Envelope)
+record_decoder = msgspec.json.Decoder(CommandRecord)

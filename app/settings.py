@@ -1,0 +1,84 @@
+"""One typed settings object, read once from the environment and passed explicitly.
+
+Every field is documented in the README (section "Configuration"). Tests build
+`Settings(...)` directly instead of touching `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+from app.errors import ConfigurationError
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Eddy's configuration. Units are in the field names (`_s`, `_ms`, `_bytes`)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """`REDIS_URL`: the Redis (or Valkey) server. `redis+cluster://` selects Redis Cluster."""
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """`DATABASE_URL`: the PostgreSQL database holding read models and checkpoints."""
+    port: int = 8000
+    """`PORT`: the HTTP port of `eddy web`."""
+    host: str = "127.0.0.1"
+    """`EDDY_HOST`: the interface `eddy web` binds (use 0.0.0.0 in a container)."""
+    jwt_secret: str = ""
+    """`EDDY_JWT_SECRET`: the HS256 secret of client tokens. Required outside `eddy dev`."""
+    key_prefix: str = "eddy"
+    """`EDDY_KEY_PREFIX`: prefix of every Redis key, so several deployments can share a server."""
+    db_schema: str = "public"
+    """`EDDY_DB_SCHEMA`: the Postgres schema of Eddy's tables."""
+    shards: int = 4
+    """`EDDY_SHARDS`: command/event stream shards per context. Fixed once data exists."""
+    lease_ttl_ms: int = 5000
+    """`EDDY_LEASE_TTL_MS`: a shard lease expires this long after its owner stopped renewing it."""
+    batch_size: int = 200
+    """`EDDY_BATCH_SIZE`: entries a worker or projector reads per round trip."""
+    claim_idle_ms: int = 30000
+    """`EDDY_CLAIM_IDLE_MS`: a pending entry idle this long is claimed again (XAUTOCLAIM)."""
+    command_ttl_s: int = 7 * 24 * 3600
+    """`EDDY_COMMAND_TTL_S`: how long a command's status (and its id's dedup record) is kept."""
+    max_body_bytes: int = 256 * 1024
+    """`EDDY_MAX_BODY_BYTES`: the largest accepted command body (413 above it)."""
+    max_wait_s: float = 30.0
+    """`EDDY_MAX_WAIT_S`: upper bound for `?wait=` on command submission."""
+    after_timeout_s: float = 5.0
+    """`EDDY_AFTER_TIMEOUT_S`: how long a query with `?after=` waits for its read model."""
+    sse_keepalive_s: float = 15.0
+    """`EDDY_SSE_KEEPALIVE_S`: interval of SSE keep-alive comments."""
+    subscriber_buffer: int = 1000
+    """`EDDY_SUBSCRIBER_BUFFER`: events buffered per SSE/WS client before it is cut off."""
+    send_timeout_s: float = 10.0
+    """`EDDY_SEND_TIMEOUT_S`: a write to a client that takes longer cuts the client off."""
+    log_level: str = "info"
+    """`EDDY_LOG_LEVEL`: debug, info, warning or error."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read `PORT`, `REDIS_URL`, `DATABASE_URL` and every `EDDY_*` variable."""
+        env = os.environ if env is None else env
+        raw: dict[str, str] = {}
+        for name in ("PORT", "REDIS_URL", "DATABASE_URL"):
+            if name in env:
+                raw[name.lower()] = env[name]
+        fields = set(cls.__struct_fields__)
+        for name, value in env.items():
+            if name.startswith("EDDY_") and not name.startswith("EDDY_TEST_"):
+                key = name[len("EDDY_") :].lower()
+                if key in fields:
+                    raw[key] = value
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"bad environment: {exc}") from exc
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ConfigurationError("EDDY_SHARDS must be at least 1")
+        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ConfigurationError("EDDY_KEY_PREFIX must be non-empty and contain no braces")
+        if not self.db_schema.isidentifier():
+            raise ConfigurationError("EDDY_DB_SCHEMA must be a plain identifier")

@@ -1,0 +1,1 @@
+"""PostgreSQL read models: migrations, checkpoints, the projector and the queries."""

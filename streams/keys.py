@@ -1,0 +1,81 @@
+"""Every Redis key Eddy uses, and the shard of every aggregate.
+
+A shard's keys share the hash tag `{<context>:<shard>}`, so one Lua step over a
+shard's command stream, event stream, aggregate states, command statuses and lease
+lives in one Redis Cluster slot. Nothing outside this module builds a key.
+
+Tenant and aggregate ids are length-prefixed inside keys, so no choice of ids with
+`:` in them can make two keys collide.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+COMMAND_GROUP = "workers"
+
+
+def _part(value: str) -> str:
+    return f"{len(value)}:{value}"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of one context: a command stream and an event stream."""
+
+    context: str
+    number: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.context}:{self.number}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+    shards: int
+
+    def shard_of(self, context: str, tenant_id: str, aggregate_id: str) -> Shard:
+        """The stable shard of an aggregate (crc32 of tenant and id)."""
+        digest = zlib.crc32(f"{tenant_id}\x00{aggregate_id}".encode())
+        return Shard(context, digest % self.shards)
+
+    def shards_of(self, context: str) -> list[Shard]:
+        return [Shard(context, n) for n in range(self.shards)]
+
+    def _tag(self, shard: Shard) -> str:
+        return f"{self.prefix}:{{{shard.context}:{shard.number}}}"
+
+    def command_stream(self, shard: Shard) -> str:
+        return f"{self._tag(shard)}:commands"
+
+    def event_stream(self, shard: Shard) -> str:
+        return f"{self._tag(shard)}:events"
+
+    def aggregate(self, shard: Shard, tenant_id: str, aggregate_id: str) -> str:
+        return f"{self._tag(shard)}:agg:{_part(tenant_id)}:{aggregate_id}"
+
+    def command_status(self, shard: Shard, tenant_id: str, command_id: str) -> str:
+        return f"{self._tag(shard)}:cmd:{_part(tenant_id)}:{command_id}"
+
+    def lease(self, shard: Shard, role: str) -> str:
+        """The lease of one shard for one role (`worker`, or `projection:<name>`)."""
+        return f"{self._tag(shard)}:lease:{role}"
+
+    def command_locator(self, tenant_id: str, command_id: str) -> str:
+        """Where a command id lives: `<context>:<shard>:<type>` (its own slot)."""
+        return f"{self.prefix}:cmdloc:{_part(tenant_id)}:{command_id}"
+
+    def members(self, role: str) -> str:
+        """Sorted set of live processes of one role, scored by their last heartbeat (ms)."""
+        return f"{self.prefix}:members:{role}"
+
+    def meta(self) -> str:
+        """Deployment facts that must not change once data exists (the shard count)."""
+        return f"{self.prefix}:meta"
+
+
+def projection_group(projection: str) -> str:
+    return f"projection:{projection}"

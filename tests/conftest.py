@@ -1,0 +1,87 @@
+"""Shared fixtures: real Redis and Postgres, isolated per test.
+
+Servers: `EDDY_TEST_REDIS_URL` / `EDDY_TEST_DATABASE_URL`, else the ones on
+127.0.0.1:6379 / 5432 when they answer, else embedded servers started once per
+session (see `tests/services.py`). Each test gets a random Redis key prefix and a
+fresh Postgres schema, so runs never depend on a clean server or on being alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from app.settings import Settings
+from projections import db
+from streams.connection import Redis, connect
+from tests import services
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with services.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with services.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str) -> Settings:
+    tag = uuid.uuid4().hex[:10]
+    return Settings(
+        redis_url=redis_url,
+        database_url=database_url,
+        key_prefix=f"test-{tag}",
+        db_schema=f"test_{tag}",
+        jwt_secret="test-secret",
+        shards=2,
+        lease_ttl_ms=2000,
+        claim_idle_ms=2000,
+    )
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = connect(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await services.delete_prefix(client, settings.key_prefix)
+        await client.aclose()
+
+
+@pytest.fixture
+async def schema(settings: Settings) -> AsyncIterator[str]:
+    """A fresh Postgres schema with every migration applied, dropped afterwards."""
+    await db.migrate(settings.database_url, settings.db_schema)
+    try:
+        yield settings.db_schema
+    finally:
+        await services.drop_schema(settings.database_url, settings.db_schema)
+
+
+@pytest.fixture
+async def pool(settings: Settings, schema: str) -> AsyncIterator[db.Pool]:
+    pool = await db.create_pool(settings.database_url, schema)
+    try:
+        yield pool
+    finally:
+        await pool.close()
