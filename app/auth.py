@@ -1,0 +1,68 @@
+"""Tokens and principals: HS256 JWTs with `sub`, `tenant`, `roles`, `exp` (PyJWT)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import jwt
+import msgspec
+from starlette.requests import HTTPConnection
+
+from app.errors import Forbidden, Unauthenticated
+from app.messages import ROLES
+
+ALGORITHM = "HS256"
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """Who is calling: the token's subject, tenant and roles."""
+
+    sub: str
+    tenant: str
+    roles: tuple[str, ...]
+
+    def require(self, allowed: Iterable[str]) -> None:
+        if not set(self.roles) & set(allowed):
+            raise Forbidden(f"roles {list(self.roles)} may not do this")
+
+
+def issue_token(secret: str, *, tenant: str, sub: str, roles: Iterable[str], ttl_s: int) -> str:
+    roles = list(roles)
+    unknown = set(roles) - ROLES
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
+    claims = {"sub": sub, "tenant": tenant, "roles": roles, "exp": int(time.time()) + ttl_s}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_token(secret: str, token: str) -> Principal:
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["sub", "tenant", "roles", "exp"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise Unauthenticated(f"bad token: {exc}") from None
+    sub, tenant, roles = claims["sub"], claims["tenant"], claims["roles"]
+    if not (isinstance(sub, str) and sub and isinstance(tenant, str) and tenant):
+        raise Unauthenticated("bad token: sub and tenant must be non-empty strings")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise Unauthenticated("bad token: roles must be a list of strings")
+    return Principal(sub=sub, tenant=tenant, roles=tuple(r for r in roles if r in ROLES))
+
+
+def authenticate(conn: HTTPConnection, secret: str, *, allow_query_token: bool = False) -> Principal:
+    """The principal of a request or WebSocket: `Authorization: Bearer`, or for
+    browsers' SSE and WebSocket (`allow_query_token`) `?access_token=`."""
+    header = conn.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if header and scheme.lower() == "bearer" and token.strip():
+        return verify_token(secret, token.strip())
+    if allow_query_token and conn.query_params.get("access_token"):
+        return verify_token(secret, conn.query_params["access_token"])
+    raise Unauthenticated("missing bearer token")
