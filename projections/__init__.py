@@ -1,1 +1,12 @@
-"""PostgreSQL read models: migrations, checkpoints, the projector and the queries."""
+"""PostgreSQL read models: migrations, checkpoints, the projector and the queries.
+
+Every projection is listed once in `PROJECTIONS`; the projector and the query
+routes are built from this list.
+"""
+
+from __future__ import annotations
+
+from projections import chat_sessions
+from projections.projection import Projection
+
+PROJECTIONS: tuple[Projection, ...] = (chat_sessions.PROJECTION,)

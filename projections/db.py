@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from streams.keys import Shard
 from streams.positions import EntryId
@@ -33,9 +34,20 @@ async def create_pool(database_url: str, schema: str, **options: Any) -> Pool:
     options.setdefault("max_size", 10)
     options.setdefault("command_timeout", 30)
     pool: Pool = await asyncpg.create_pool(
-        database_url, server_settings={"search_path": schema}, **options
+        database_url, server_settings={"search_path": schema}, init=_init_connection, **options
     )
     return pool
+
+
+async def _init_connection(conn: Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=_json_text, decoder=msgspec.json.decode
+        )
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def migrations() -> list[tuple[str, str]]:

@@ -1,0 +1,167 @@
+"""Command submission over HTTP: `POST /v1/commands/{type}` and `GET /v1/commands/{id}`.
+
+Order of checks, so each failure gets its precise status: the token (401), the
+command type (404), the roles (403), the body size (413), JSON (400), the schema
+(422), then Redis (503). Only then is anything written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.auth import Principal, authenticate
+from app.contexts import COMMANDS, CommandType
+from app.errors import BadRequest, Invalid, Malformed, NotFound, TooLarge, UnknownCommand
+from app.messages import CommandRecord, derived_id, new_id, utcnow
+from app.services import Services, json_response
+from streams.bus import FINAL, CommandStatus
+
+MAX_ID_LENGTH = 128
+_ERROR_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
+_encoder = msgspec.json.Encoder()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` without reading it all."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise TooLarge(f"body is {length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_command(command_type: CommandType, body: bytes) -> Any:
+    """Decode and validate a payload: `Malformed` (400) or `Invalid` (422, with the field path)."""
+    try:
+        return command_type.decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        match = _ERROR_PATH.match(str(exc))
+        assert match is not None
+        path = match["path"]
+        if path is None:
+            raise Malformed(f"body must be a JSON object: {exc}") from None
+        raise Invalid(
+            f"{command_type.name}: {exc}", fields=[{"path": path, "message": match["message"]}]
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise Malformed(f"body is not JSON: {exc}") from None
+
+
+def header_id(request: Request, name: str) -> str | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_ID_LENGTH:
+        raise BadRequest(f"{name} must be 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
+def wait_seconds(request: Request, limit: float) -> float:
+    raw = request.query_params.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise BadRequest("wait must be a number of seconds") from None
+    if not 0 <= wait <= limit:
+        raise BadRequest(f"wait must be between 0 and {limit} seconds")
+    return wait
+
+
+def build_record(
+    command_type: CommandType,
+    command: Any,
+    principal: Principal,
+    command_id: str,
+    correlation_id: str | None,
+) -> CommandRecord:
+    field = command_type.context.aggregate_field
+    aggregate_id = getattr(command, field)
+    if aggregate_id is None:
+        aggregate_id = derived_id(principal.tenant, command_id)
+        command = msgspec.structs.replace(command, **{field: aggregate_id})
+    return CommandRecord(
+        id=command_id,
+        type=command_type.name,
+        tenant_id=principal.tenant,
+        actor=principal.sub,
+        roles=list(principal.roles),
+        correlation_id=correlation_id or command_id,
+        aggregate_id=aggregate_id,
+        accepted_at=utcnow(),
+        payload=msgspec.Raw(_encoder.encode(command)),
+    )
+
+
+async def submit(request: Request) -> Response:
+    services: Services = request.app.state.services
+    settings = services.settings
+    principal = authenticate(request, settings.jwt_secret)
+    name = request.path_params["type"]
+    command_type = COMMANDS.get(name)
+    if command_type is None:
+        raise UnknownCommand(f"unknown command type {name!r}", known=sorted(COMMANDS))
+    principal.require(command_type.context.allowed_roles(name))
+    body = await read_body(request, settings.max_body_bytes)
+    command = parse_command(command_type, body)
+    command_id = header_id(request, "idempotency-key") or new_id()
+    correlation_id = header_id(request, "x-correlation-id")
+    wait = wait_seconds(request, settings.max_wait_s)
+    record = build_record(command_type, command, principal, command_id, correlation_id)
+    shard = services.keys.shard_of(command_type.context.name, principal.tenant, record.aggregate_id)
+    accepted = await services.bus.submit(record, shard)
+    services.metrics.commands.labels(name, "accepted" if accepted.new else "repeated").inc()
+    ids = {"aggregate_id": accepted.aggregate_id, command_type.context.aggregate_field: accepted.aggregate_id}
+    if wait > 0 or not accepted.new:
+        status = await services.bus.wait(principal.tenant, command_id, wait)
+        if status is not None and status.status in FINAL:
+            return await outcome(services, status, ids)
+    return json_response({"command_id": command_id, "status": "pending", **ids}, 202)
+
+
+async def outcome(services: Services, status: CommandStatus, ids: dict[str, str]) -> Response:
+    """200 with the events of a processed command, 409 with the error of a failed one."""
+    if status.status == "failed":
+        return json_response(
+            {"command_id": status.command_id, "status": "failed", "error": status.error, **ids}, 409
+        )
+    envelopes = await services.bus.events_of(status)
+    return json_response(
+        {
+            "command_id": status.command_id,
+            "status": "processed",
+            "events": envelopes,
+            "position": status.position,
+            **ids,
+        },
+        200,
+    )
+
+
+async def status(request: Request) -> Response:
+    services: Services = request.app.state.services
+    principal = authenticate(request, services.settings.jwt_secret)
+    command_id = request.path_params["command_id"]
+    found = await services.bus.status(principal.tenant, command_id)
+    if found is None:
+        raise NotFound(f"no command {command_id!r}")
+    answer: dict[str, Any] = {
+        "command_id": found.command_id,
+        "type": found.type,
+        "status": found.status,
+        "aggregate_id": found.aggregate_id,
+    }
+    for name in ("error", "events", "position"):
+        if getattr(found, name) is not None:
+            answer[name] = getattr(found, name)
+    return json_response(answer)

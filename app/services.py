@@ -1,0 +1,56 @@
+"""What a web process holds while it runs: clients, the bus, the fan-out, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.responses import Response
+
+from app.settings import Settings
+from projections.db import Pool
+from streams.bus import CommandBus
+from streams.connection import Redis, Scripts
+from streams.fanout import Fanout
+from streams.keys import Keys
+
+_encoder = msgspec.json.Encoder()
+
+
+class Metrics:
+    """The web process's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.commands = Counter(
+            "eddy_commands_submitted",
+            "Commands submitted over HTTP and WebSocket, by type and outcome.",
+            ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "eddy_http_request_seconds",
+            "HTTP request latency by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    scripts: Scripts
+    bus: CommandBus
+    pool: Pool
+    fanout: Fanout
+    metrics: Metrics
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _encoder.encode(content), status_code=status, headers=headers, media_type="application/json"
+    )

@@ -1,0 +1,152 @@
+"""The command bus: accept a command into its shard's stream, and tell its status.
+
+Submission is two steps: a locator (`command id → shard and type`, in its own
+slot, written first with SET NX) and one Lua step in the shard's slot that
+records the status and XADDs the command. A retry with the same id finds both and
+appends nothing. If Redis fails anywhere, the caller gets `Unavailable` (503) and
+retries with the same id: a locator without a status is a command never accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+from redis.exceptions import RedisError
+
+from app.errors import IdempotencyConflict, Unavailable
+from app.messages import CommandRecord, Envelope, envelope_decoder
+from streams.connection import Redis, Scripts
+from streams.keys import Keys, Shard
+from streams.positions import event_position
+
+FINAL = ("processed", "failed")
+
+
+class Accepted(msgspec.Struct, frozen=True, kw_only=True):
+    command_id: str
+    status: str
+    aggregate_id: str
+    new: bool
+    """False when the id was already known (a retry)."""
+
+
+class CommandStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    command_id: str
+    type: str
+    status: str
+    aggregate_id: str
+    error: dict[str, Any] | None = None
+    events: list[str] | None = None
+    position: str | None = None
+    shard: Shard | None = None
+    entry: str | None = None
+    """The stream id of the command's last event (internal)."""
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def stamp(shard: Shard, entry_id: str, raw: bytes) -> Envelope:
+    """An envelope read from a shard's event stream, with its position filled in."""
+    envelope = envelope_decoder.decode(raw)
+    return msgspec.structs.replace(envelope, position=event_position(shard, entry_id))
+
+
+class CommandBus:
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys, status_ttl_s: int) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self.status_ttl_s = status_ttl_s
+
+    async def submit(self, record: CommandRecord, shard: Shard) -> Accepted:
+        """Accept a command (idempotent by its id). Raises `Unavailable`, `IdempotencyConflict`."""
+        where = f"{shard.context}:{shard.number}:{record.type}"
+        locator = self.keys.command_locator(record.tenant_id, record.id)
+        try:
+            if not await self.redis.set(locator, where, nx=True, ex=self.status_ttl_s):
+                known = await self.redis.get(locator)
+                if known is not None and known.decode() != where:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {record.id!r} already names another command",
+                        existing=known.decode().rsplit(":", 1)[-1],
+                    )
+            reply = await self.scripts.submit(
+                keys=[
+                    self.keys.command_status(shard, record.tenant_id, record.id),
+                    self.keys.command_stream(shard),
+                ],
+                args=[
+                    record.type,
+                    record.aggregate_id,
+                    _encoder.encode(record),
+                    self.status_ttl_s,
+                    record.accepted_at.isoformat(),
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis unavailable: {exc}; retry with the same key") from exc
+        kind, status, _type, aggregate_id = (part.decode() for part in reply)
+        if kind == "known" and aggregate_id != record.aggregate_id:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {record.id!r} already names another command"
+            )
+        return Accepted(
+            command_id=record.id, status=status, aggregate_id=aggregate_id, new=kind == "new"
+        )
+
+    async def status(self, tenant_id: str, command_id: str) -> CommandStatus | None:
+        """The command's status, or None if this tenant has no such command."""
+        try:
+            where = await self.redis.get(self.keys.command_locator(tenant_id, command_id))
+            if where is None:
+                return None
+            context, number, command_type = where.decode().split(":")
+            shard = Shard(context, int(number))
+            fields = await self.redis.hgetall(self.keys.command_status(shard, tenant_id, command_id))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis unavailable: {exc}") from exc
+        if not fields:
+            return None
+        get = {k.decode(): v.decode() for k, v in fields.items()}
+        entry = get.get("position")
+        return CommandStatus(
+            command_id=command_id,
+            type=command_type,
+            status=get["status"],
+            aggregate_id=get.get("aggregate_id", ""),
+            error=msgspec.json.decode(get["error"]) if get.get("error") else None,
+            events=get["events"].split(",") if get.get("events") else None,
+            position=event_position(shard, entry) if entry else None,
+            shard=shard,
+            entry=entry,
+        )
+
+    async def wait(self, tenant_id: str, command_id: str, timeout_s: float) -> CommandStatus | None:
+        """Poll the status until it is final or `timeout_s` passes; return the last seen."""
+        delay = 0.002
+        status = await self.status(tenant_id, command_id)
+        with anyio.move_on_after(timeout_s):
+            while status is None or status.status not in FINAL:
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, 0.05)
+                status = await self.status(tenant_id, command_id)
+        return status
+
+    async def events_of(self, status: CommandStatus) -> list[Envelope]:
+        """The stored envelopes of a processed command (consecutive entries of its shard)."""
+        if not (status.events and status.entry and status.shard):
+            return []
+        try:
+            entries = await self.redis.xrevrange(
+                self.keys.event_stream(status.shard),
+                max=status.entry,
+                min="-",
+                count=len(status.events),
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis unavailable: {exc}") from exc
+        shard = status.shard
+        return [stamp(shard, entry_id.decode(), fields[b"e"]) for entry_id, fields in reversed(entries)]

@@ -1,0 +1,165 @@
+"""The one consumer-group read loop, shared by command workers and projectors.
+
+On taking over a shard, the new owner first claims every entry still pending in
+the group (the previous owner's, with XAUTOCLAIM and min-idle 0 — safe because the
+lease says that owner is gone), re-reads its own pending entries from `0`, and only
+then reads new ones with `>`. Entries idle longer than `claim_idle_ms` are claimed
+again periodically. `handle(entries)` returns the ids to XACK; when it raises, the
+loop backs off (bounded, with jitter) and re-reads its pending entries, so nothing
+read is ever skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+from redis.exceptions import RedisError, ResponseError
+
+from streams.connection import BLOCK_MS, Redis
+from streams.lease import LeaseLost, ShardLease
+
+log = logging.getLogger("eddy.consumer")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+Handle = Callable[[list[Entry]], Awaitable[list[bytes]]]
+
+RETRYABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+
+class Backoff:
+    """Exponential backoff with jitter, capped; reset after a success."""
+
+    def __init__(self, first_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.next_s = first_s
+
+    def reset(self) -> None:
+        self.next_s = self.first_s
+
+    async def sleep(self) -> None:
+        await anyio.sleep(self.next_s * random.uniform(0.5, 1.0))
+        self.next_s = min(self.next_s * 2, self.cap_s)
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the group at the stream's start (`0`), so no earlier entry is missed."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def consume(
+    redis: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handle,
+    *,
+    lease: ShardLease,
+    batch: int,
+    claim_idle_ms: int,
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+) -> None:
+    """Feed `handle` every entry of `stream` for `group`, in order, until cancelled."""
+    backoff = Backoff()
+    taken_over = False
+    while True:
+        try:
+            if not lease.held():
+                raise LeaseLost(stream)
+            await ensure_group(redis, stream, group)
+            if not taken_over:
+                await _claim(redis, stream, group, consumer, 0, batch)
+                taken_over = True
+            await _drain_pending(redis, stream, group, consumer, handle, lease, batch)
+            await _read_new(redis, stream, group, consumer, handle, lease, batch, claim_idle_ms)
+            backoff.reset()
+        except retry_on as exc:
+            log.warning("consumer-retry stream=%s error=%r", stream, exc)
+            await backoff.sleep()
+
+
+async def _claim(
+    redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, batch: int
+) -> int:
+    """Move entries idle at least `min_idle_ms` to this consumer; return how many."""
+    claimed = 0
+    start = "0-0"
+    while True:
+        reply = await redis.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=batch,
+            justid=True,
+        )
+        start, ids = reply[0], reply[1]
+        claimed += len(ids)
+        if start in (b"0-0", "0-0"):
+            return claimed
+
+
+async def _drain_pending(
+    redis: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handle,
+    lease: ShardLease,
+    batch: int,
+) -> None:
+    cursor: bytes | str = "0"
+    while True:
+        reply = await redis.xreadgroup(group, consumer, {stream: cursor}, count=batch)
+        entries = reply[0][1] if reply else []
+        if not entries:
+            return
+        cursor = entries[-1][0]
+        await _handle(redis, stream, group, handle, lease, entries)
+
+
+async def _read_new(
+    redis: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    handle: Handle,
+    lease: ShardLease,
+    batch: int,
+    claim_idle_ms: int,
+) -> None:
+    """Read new entries until stale ones need claiming; then return to re-drain."""
+    next_claim = time.monotonic() + claim_idle_ms / 2000
+    while True:
+        reply = await redis.xreadgroup(
+            group, consumer, {stream: ">"}, count=batch, block=BLOCK_MS
+        )
+        entries = reply[0][1] if reply else []
+        if entries:
+            await _handle(redis, stream, group, handle, lease, entries)
+        if time.monotonic() >= next_claim:
+            next_claim = time.monotonic() + claim_idle_ms / 2000
+            if await _claim(redis, stream, group, consumer, claim_idle_ms, batch):
+                return
+
+
+async def _handle(
+    redis: Redis,
+    stream: str,
+    group: str,
+    handle: Handle,
+    lease: ShardLease,
+    entries: list[Entry],
+) -> None:
+    if not lease.held():
+        raise LeaseLost(stream)
+    # An entry deleted from the stream while pending comes back without fields.
+    live = [(entry_id, fields) for entry_id, fields in entries if fields]
+    gone = [entry_id for entry_id, fields in entries if not fields]
+    done = await handle(live) if live else []
+    if done or gone:
+        await redis.xack(stream, group, *done, *gone)

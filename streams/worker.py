@@ -1,0 +1,244 @@
+"""The command worker: decide each command on its aggregate and apply the outcome
+in one atomic Lua step per batch, then XACK.
+
+```
+XREADGROUP batch ─▶ mark `consumed` ─▶ load states not cached ─▶ decide in order
+      ─▶ apply.lua (fenced by the lease; per command: dedup · version · state · XADD · status)
+      ─▶ conflicts? drop their cached state, decide them again ─▶ XACK
+```
+
+The owner of a shard keeps the states of recently used aggregates in memory, so
+a batch usually costs three round trips whatever its size. The cache is only a
+guess: `apply.lua` checks every version, and a stale guess is decided again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from app.contexts import COMMANDS
+from app.errors import Rejected
+from app.messages import (
+    CommandRecord,
+    Context,
+    Envelope,
+    Event,
+    Issued,
+    Metadata,
+    new_id,
+    record_decoder,
+    utcnow,
+)
+from app.settings import Settings
+from streams.connection import Redis, Scripts
+from streams.consumer import Entry, consume
+from streams.keys import COMMAND_GROUP, Keys, Shard
+from streams.lease import Balancer, LeaseLost, ShardLease
+
+log = logging.getLogger("eddy.worker")
+
+ROLE = "worker"
+CACHE_SIZE = 10_000
+MAX_ROUNDS = 8
+
+_encoder = msgspec.json.Encoder()
+
+
+class _Decision(msgspec.Struct):
+    record: CommandRecord
+    status_key: str
+    aggregate_key: str
+    expected: int
+    outcome: str = "processed"
+    state: bytes = b""
+    error: bytes = b""
+    envelopes: list[bytes] = []
+    event_ids: list[str] = []
+
+
+class ShardWorker:
+    """Applies the commands of one shard while this process holds its lease."""
+
+    def __init__(
+        self, redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, shard: Shard
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self.settings = settings
+        self.shard = shard
+        self.states: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self.lease: ShardLease | None = None
+
+    async def run(self, lease: ShardLease, consumer: str) -> None:
+        self.lease = lease
+        await consume(
+            self.redis,
+            self.keys.command_stream(self.shard),
+            COMMAND_GROUP,
+            consumer,
+            self.handle,
+            lease=lease,
+            batch=self.settings.batch_size,
+            claim_idle_ms=self.settings.claim_idle_ms,
+        )
+
+    async def handle(self, entries: list[Entry]) -> list[bytes]:
+        records: list[CommandRecord] = []
+        for entry_id, fields in entries:
+            try:
+                records.append(record_decoder.decode(fields[b"c"]))
+            except (KeyError, msgspec.DecodeError):
+                log.error("command-undecodable stream=%s entry=%s", self.shard.name, entry_id)
+        status_keys = [self._status_key(r) for r in records]
+        if status_keys:
+            await self.scripts.consume(keys=status_keys, args=[])
+        pending = records
+        for _ in range(MAX_ROUNDS):
+            if not pending:
+                return [entry_id for entry_id, _ in entries]
+            pending = await self._apply_round(pending)
+        raise RuntimeError(f"commands kept conflicting on shard {self.shard.name}")
+
+    def _status_key(self, record: CommandRecord) -> str:
+        return self.keys.command_status(self.shard, record.tenant_id, record.id)
+
+    async def _apply_round(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:
+        """Decide and apply `records` in order; return those to decide again."""
+        await self._load([self.keys.aggregate(self.shard, r.tenant_id, r.aggregate_id) for r in records])
+        decisions = [self._decide(record) for record in records]
+        assert self.lease is not None
+        args: list[Any] = [self.lease.owner, self.settings.command_ttl_s]
+        keys: list[str] = [self.keys.event_stream(self.shard), self.lease.key]
+        for d in decisions:
+            keys += [d.aggregate_key, d.status_key]
+            args += [d.outcome, d.expected, d.state, d.error, ",".join(d.event_ids)]
+            args += [len(d.envelopes), *d.envelopes]
+        replies = await self.scripts.apply(keys=keys, args=args)
+        if replies == b"fenced":
+            raise LeaseLost(self.shard.name)
+        again: list[CommandRecord] = []
+        for decision, reply in zip(decisions, replies, strict=True):
+            if reply[0] == b"conflict":
+                self.states.pop(decision.aggregate_key, None)
+                again.append(decision.record)
+            elif reply[0] == b"duplicate":
+                self.states.pop(decision.aggregate_key, None)
+        return again
+
+    async def _load(self, aggregate_keys: list[str]) -> None:
+        missing = list(dict.fromkeys(k for k in aggregate_keys if k not in self.states))
+        if not missing:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in missing:
+                pipe.hmget(key, ["version", "state"])
+            rows = await pipe.execute()
+        for key, (version, state) in zip(missing, rows, strict=True):
+            self._remember(key, int(version or 0), state)
+
+    def _remember(self, key: str, version: int, state: Any) -> None:
+        self.states[key] = (version, state)
+        self.states.move_to_end(key)
+        while len(self.states) > CACHE_SIZE:
+            self.states.popitem(last=False)
+
+    def _decide(self, record: CommandRecord) -> _Decision:
+        aggregate_key = self.keys.aggregate(self.shard, record.tenant_id, record.aggregate_id)
+        version, raw_state = self.states[aggregate_key]
+        decision = _Decision(
+            record=record,
+            status_key=self._status_key(record),
+            aggregate_key=aggregate_key,
+            expected=version,
+        )
+        command_type = COMMANDS.get(record.type)
+        if command_type is None or command_type.context.name != self.shard.context:
+            return _fail(decision, "unknown_command", f"unknown command type {record.type}")
+        context = command_type.context
+        try:
+            state = None if raw_state is None else _decode_state(context, raw_state)
+            command = command_type.decoder.decode(record.payload)
+            issued = Issued(
+                command_id=record.id,
+                tenant_id=record.tenant_id,
+                actor=record.actor,
+                roles=tuple(record.roles),
+                now=utcnow(),
+            )
+            events = list(context.decide(state, command, issued))
+        except Rejected as exc:
+            decision.error = _encoder.encode({"code": exc.code, "message": exc.message})
+            decision.outcome = "failed"
+            return decision
+        except Exception as exc:
+            log.exception("command-handler-crashed type=%s id=%s", record.type, record.id)
+            return _fail(decision, "internal_error", f"{type(exc).__name__}: {exc}")
+        for event in events:
+            state = context.evolve(state, event)
+            envelope = _envelope(context, record, issued, event, version + len(decision.event_ids) + 1, state)
+            decision.event_ids.append(envelope.id)
+            decision.envelopes.append(_encoder.encode(envelope))
+        if events:
+            decision.state = _encoder.encode(state)
+            self._remember(aggregate_key, version + len(events), decision.state)
+        return decision
+
+
+def _fail(decision: _Decision, code: str, message: str) -> _Decision:
+    decision.outcome = "failed"
+    decision.expected = -1
+    decision.error = _encoder.encode({"code": code, "message": message})
+    return decision
+
+
+_state_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+
+
+def _decode_state(context: Context, raw: bytes) -> Any:
+    decoder = _state_decoders.get(context.name)
+    if decoder is None:
+        decoder = _state_decoders[context.name] = msgspec.json.Decoder(context.state)
+    return decoder.decode(raw)
+
+
+def _envelope(
+    context: Context, record: CommandRecord, issued: Issued, event: Event, version: int, state: Any
+) -> Envelope:
+    return Envelope(
+        id=new_id(),
+        type=type(event).__name__,
+        schema_version=event.schema_version,
+        context=context.name,
+        aggregate_id=record.aggregate_id,
+        aggregate_version=version,
+        tenant_id=record.tenant_id,
+        occurred_at=issued.now,
+        payload=msgspec.Raw(_encoder.encode(event)),
+        metadata=Metadata(
+            command_id=record.id,
+            correlation_id=record.correlation_id,
+            causation_id=record.id,
+            actor=record.actor,
+            session_id=context.session_of(state, event),
+        ),
+    )
+
+
+async def run_worker(redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, contexts: Sequence[Context]) -> None:
+    """Own a fair share of every context's command shards until cancelled."""
+    member = f"worker-{uuid.uuid4().hex[:12]}"
+
+    async def unit(shard: Shard, lease: ShardLease) -> None:
+        await ShardWorker(redis, scripts, keys, settings, shard).run(lease, member)
+
+    shards = [s for ctx in contexts for s in keys.shards_of(ctx.name)]
+    await Balancer(
+        redis, scripts, keys, ROLE, shards, unit, ttl_ms=settings.lease_ttl_ms, member=member
+    ).run()
