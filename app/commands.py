@@ -121,7 +121,10 @@ async def submit(request: Request) -> Response:
     shard = services.keys.shard_of(command_type.context.name, principal.tenant, record.aggregate_id)
     accepted = await services.bus.submit(record, shard)
     services.metrics.commands.labels(name, "accepted" if accepted.new else "repeated").inc()
-    ids = {"aggregate_id": accepted.aggregate_id, command_type.context.aggregate_field: accepted.aggregate_id}
+    ids = {
+        "aggregate_id": accepted.aggregate_id,
+        command_type.context.aggregate_field: accepted.aggregate_id,
+    }
     if wait > 0 or not accepted.new:
         status = await services.bus.wait(principal.tenant, command_id, wait)
         if status is not None and status.status in FINAL:

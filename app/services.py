@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -13,8 +13,10 @@ from app.settings import Settings
 from projections.db import Pool
 from streams.bus import CommandBus
 from streams.connection import Redis, Scripts
-from streams.fanout import Fanout
 from streams.keys import Keys
+
+if TYPE_CHECKING:
+    from streams.fanout import Fanout
 
 _encoder = msgspec.json.Encoder()
 
@@ -50,7 +52,9 @@ class Services:
     metrics: Metrics
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         _encoder.encode(content), status_code=status, headers=headers, media_type="application/json"
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from streams.keys import Shard
 from streams.positions import EntryId
@@ -24,7 +25,7 @@ from streams.positions import EntryId
 log = logging.getLogger("eddy.db")
 
 Pool = asyncpg.Pool
-Connection = asyncpg.Connection
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 MIGRATION_LOCK = 0x4544_4459  # "EDDY": one migrator at a time across processes
 

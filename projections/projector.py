@@ -32,7 +32,12 @@ from streams.positions import parse_entry_id
 
 log = logging.getLogger("eddy.projector")
 
-RETRYABLE_DB = (*RETRYABLE, asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
+RETRYABLE_DB: tuple[type[BaseException], ...] = (
+    *RETRYABLE,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+)
 
 
 class ShardProjector:

@@ -67,13 +67,13 @@ class CommandBus:
         locator = self.keys.command_locator(record.tenant_id, record.id)
         try:
             if not await self.redis.set(locator, where, nx=True, ex=self.status_ttl_s):
-                known = await self.redis.get(locator)
+                known: bytes | None = await self.redis.get(locator)  # type: ignore[assignment]
                 if known is not None and known.decode() != where:
                     raise IdempotencyConflict(
                         f"Idempotency-Key {record.id!r} already names another command",
                         existing=known.decode().rsplit(":", 1)[-1],
                     )
-            reply = await self.scripts.submit(
+            reply: list[bytes] = await self.scripts.submit(
                 keys=[
                     self.keys.command_status(shard, record.tenant_id, record.id),
                     self.keys.command_stream(shard),
@@ -100,12 +100,16 @@ class CommandBus:
     async def status(self, tenant_id: str, command_id: str) -> CommandStatus | None:
         """The command's status, or None if this tenant has no such command."""
         try:
-            where = await self.redis.get(self.keys.command_locator(tenant_id, command_id))
+            where: bytes | None = await self.redis.get(  # type: ignore[assignment]
+                self.keys.command_locator(tenant_id, command_id)
+            )
             if where is None:
                 return None
             context, number, command_type = where.decode().split(":")
             shard = Shard(context, int(number))
-            fields = await self.redis.hgetall(self.keys.command_status(shard, tenant_id, command_id))
+            fields: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[assignment]
+                self.keys.command_status(shard, tenant_id, command_id)
+            )
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from exc
         if not fields:
@@ -140,7 +144,7 @@ class CommandBus:
         if not (status.events and status.entry and status.shard):
             return []
         try:
-            entries = await self.redis.xrevrange(
+            entries: Any = await self.redis.xrevrange(
                 self.keys.event_stream(status.shard),
                 max=status.entry,
                 min="-",
@@ -149,4 +153,6 @@ class CommandBus:
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from exc
         shard = status.shard
-        return [stamp(shard, entry_id.decode(), fields[b"e"]) for entry_id, fields in reversed(entries)]
+        return [
+            stamp(shard, entry_id.decode(), fields[b"e"]) for entry_id, fields in reversed(entries)
+        ]

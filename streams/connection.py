@@ -49,5 +49,11 @@ class Scripts:
 
     async def load(self) -> None:
         """Load every script now, so the first command does not pay for it."""
-        for script in (self.submit, self.consume, self.apply, self.lease_extend, self.lease_release):
+        for script in (
+            self.submit,
+            self.consume,
+            self.apply,
+            self.lease_extend,
+            self.lease_release,
+        ):
             script.sha = await self._client.script_load(script.script)

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from redis.exceptions import RedisError, ResponseError
@@ -93,12 +94,17 @@ async def _claim(
     claimed = 0
     start = "0-0"
     while True:
-        reply = await redis.xautoclaim(
-            stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=batch,
-            justid=True,
+        reply: Any = await redis.xautoclaim(
+            stream,
+            group,
+            consumer,
+            min_idle_time=min_idle_ms,
+            start_id=start,
+            count=batch,
         )
-        start, ids = reply[0], reply[1]
-        claimed += len(ids)
+        # Not JUSTID: redis-py drops the cursor from a JUSTID reply.
+        start, claimed_now = reply[0], reply[1]
+        claimed += len(claimed_now)
         if start in (b"0-0", "0-0"):
             return claimed
 
@@ -114,8 +120,8 @@ async def _drain_pending(
 ) -> None:
     cursor: bytes | str = "0"
     while True:
-        reply = await redis.xreadgroup(group, consumer, {stream: cursor}, count=batch)
-        entries = reply[0][1] if reply else []
+        reply: Any = await redis.xreadgroup(group, consumer, {stream: cursor}, count=batch)
+        entries: list[Entry] = reply[0][1] if reply else []
         if not entries:
             return
         cursor = entries[-1][0]
@@ -135,10 +141,10 @@ async def _read_new(
     """Read new entries until stale ones need claiming; then return to re-drain."""
     next_claim = time.monotonic() + claim_idle_ms / 2000
     while True:
-        reply = await redis.xreadgroup(
+        reply: Any = await redis.xreadgroup(
             group, consumer, {stream: ">"}, count=batch, block=BLOCK_MS
         )
-        entries = reply[0][1] if reply else []
+        entries: list[Entry] = reply[0][1] if reply else []
         if entries:
             await _handle(redis, stream, group, handle, lease, entries)
         if time.monotonic() >= next_claim:

@@ -158,7 +158,11 @@ class Balancer:
             if len(self.running) >= fair:
                 break
             lease = ShardLease(
-                self.redis, self.scripts, self.keys.lease(shard, self.role), self.member, self.ttl_ms
+                self.redis,
+                self.scripts,
+                self.keys.lease(shard, self.role),
+                self.member,
+                self.ttl_ms,
             )
             if await lease.acquire():
                 log.info("shard-taken role=%s shard=%s", self.role, shard.name)

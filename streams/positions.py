@@ -38,7 +38,9 @@ def event_position(shard: Shard, entry_id: str) -> str:
     return f"{shard.context}.{shard.number}.{entry_id}"
 
 
-def parse_event_position(token: str, contexts: Mapping[str, object], shards: int) -> tuple[Shard, EntryId]:
+def parse_event_position(
+    token: str, contexts: Mapping[str, object], shards: int
+) -> tuple[Shard, EntryId]:
     """Parse an event's position; raise `BadPosition` for anything Eddy did not issue."""
     context, _, rest = token.partition(".")
     number, _, entry = rest.partition(".")

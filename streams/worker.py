@@ -111,7 +111,9 @@ class ShardWorker:
 
     async def _apply_round(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:
         """Decide and apply `records` in order; return those to decide again."""
-        await self._load([self.keys.aggregate(self.shard, r.tenant_id, r.aggregate_id) for r in records])
+        await self._load(
+            [self.keys.aggregate(self.shard, r.tenant_id, r.aggregate_id) for r in records]
+        )
         decisions = [self._decide(record) for record in records]
         assert self.lease is not None
         args: list[Any] = [self.lease.owner, self.settings.command_ttl_s]
@@ -182,7 +184,9 @@ class ShardWorker:
             return _fail(decision, "internal_error", f"{type(exc).__name__}: {exc}")
         for event in events:
             state = context.evolve(state, event)
-            envelope = _envelope(context, record, issued, event, version + len(decision.event_ids) + 1, state)
+            envelope = _envelope(
+                context, record, issued, event, version + len(decision.event_ids) + 1, state
+            )
             decision.event_ids.append(envelope.id)
             decision.envelopes.append(_encoder.encode(envelope))
         if events:
@@ -231,7 +235,9 @@ def _envelope(
     )
 
 
-async def run_worker(redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, contexts: Sequence[Context]) -> None:
+async def run_worker(
+    redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, contexts: Sequence[Context]
+) -> None:
     """Own a fair share of every context's command shards until cancelled."""
     member = f"worker-{uuid.uuid4().hex[:12]}"
 

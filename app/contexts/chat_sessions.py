@@ -31,7 +31,7 @@ class RoleChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 # -- commands ---------------------------------------------------------------
 
 
-class CreateChatSession(Command):
+class CreateChatSession(Command, frozen=True, kw_only=True):
     session_id: Id | None = None
     agent_id: Id
     participants: Annotated[list[Participant], msgspec.Meta(max_length=1000)]
@@ -39,26 +39,26 @@ class CreateChatSession(Command):
     routing: dict[str, Any] = {}
 
 
-class UpdateChatSessionParticipants(Command):
+class UpdateChatSessionParticipants(Command, frozen=True, kw_only=True):
     session_id: Id
     add: Annotated[list[Participant], msgspec.Meta(max_length=1000)] = []
     remove: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
     change_roles: Annotated[list[RoleChange], msgspec.Meta(max_length=1000)] = []
 
 
-class CloseChatSession(Command):
+class CloseChatSession(Command, frozen=True, kw_only=True):
     session_id: Id
     reason: Text | None = None
 
 
-class ArchiveChatSession(Command):
+class ArchiveChatSession(Command, frozen=True, kw_only=True):
     session_id: Id
 
 
 # -- events -----------------------------------------------------------------
 
 
-class ChatSessionCreated(Event):
+class ChatSessionCreated(Event, frozen=True, kw_only=True):
     session_id: str
     agent_id: str
     participants: list[Participant]
@@ -72,7 +72,7 @@ class RoleTransition(msgspec.Struct, frozen=True, kw_only=True):
     to_role: Role
 
 
-class ChatSessionParticipantsUpdated(Event):
+class ChatSessionParticipantsUpdated(Event, frozen=True, kw_only=True):
     session_id: str
     added: list[Participant]
     removed: list[str]
@@ -81,19 +81,19 @@ class ChatSessionParticipantsUpdated(Event):
     """The whole list after the change."""
 
 
-class ChatSessionClosed(Event):
+class ChatSessionClosed(Event, frozen=True, kw_only=True):
     session_id: str
     reason: str | None = None
 
 
-class ChatSessionArchived(Event):
+class ChatSessionArchived(Event, frozen=True, kw_only=True):
     session_id: str
 
 
 # -- state and rules --------------------------------------------------------
 
 
-class ChatSession(State):
+class ChatSession(State, frozen=True, kw_only=True):
     status: SessionStatus
     agent_id: str
     participants: tuple[Participant, ...]
@@ -169,11 +169,14 @@ def _change_participants(
             raise Rejected("unknown_participant", f"{change.participant_id} does not take part")
         if (current, change.role) not in ROLE_TRANSITIONS:
             raise Rejected(
-                "bad_role_transition", f"{current} → {change.role} is not allowed (observer ↔ agent)"
+                "bad_role_transition",
+                f"{current} → {change.role} is not allowed (observer ↔ agent)",
             )
         roles[change.participant_id] = change.role
         transitions.append(
-            RoleTransition(participant_id=change.participant_id, from_role=current, to_role=change.role)
+            RoleTransition(
+                participant_id=change.participant_id, from_role=current, to_role=change.role
+            )
         )
     return ChatSessionParticipantsUpdated(
         session_id=command.session_id,

@@ -1,0 +1,63 @@
+"""Query routes, built from the projections' declared queries.
+
+Every query accepts `?after=<position>` (or `X-After-Position`): the answer waits
+until the projection has committed that position, up to `EDDY_AFTER_TIMEOUT_S`,
+then answers 504 `stale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.auth import authenticate
+from app.contexts import BY_NAME
+from app.errors import NotFound, Stale
+from app.services import Services, json_response
+from projections import db
+from projections.projection import Projection, Query, QueryArgs
+from streams.positions import parse_event_position
+
+
+async def wait_for(services: Services, projection: Projection, position: str) -> None:
+    """Return once `projection` reflects every event up to `position`; else raise `Stale`."""
+    shard, entry = parse_event_position(position, BY_NAME, services.settings.shards)
+    if shard.context not in projection.contexts:
+        return  # the projection never reads that stream: nothing to wait for
+    delay = 0.005
+    with anyio.move_on_after(services.settings.after_timeout_s):
+        while not await db.reached(services.pool, projection.name, shard, entry):
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        return
+    raise Stale(f"{projection.name} has not reached {position} yet")
+
+
+def query_route(projection: Projection, query: Query) -> Route:
+    async def endpoint(request: Request) -> Response:
+        services: Services = request.app.state.services
+        principal = authenticate(request, services.settings.jwt_secret)
+        after = request.query_params.get("after") or request.headers.get("x-after-position")
+        if after:
+            await wait_for(services, projection, after)
+        args = QueryArgs(
+            tenant_id=principal.tenant,
+            path=request.path_params,
+            params=request.query_params,
+        )
+        async with services.pool.acquire() as conn:
+            answer = await query.run(conn, args)
+        if answer is None:
+            raise NotFound(f"{query.name}: not found")
+        return json_response(answer)
+
+    endpoint.__name__ = query.name
+    return Route(query.path, endpoint, methods=["GET"], name=query.name)
+
+
+def query_routes(projections: Sequence[Projection]) -> list[Route]:
+    return [query_route(p, q) for p in projections for q in p.queries]

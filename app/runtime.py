@@ -1,0 +1,129 @@
+"""The processes of the Procfile, as async functions that run until cancelled.
+
+`eddy web`, `eddy worker` and `eddy projector` each run one of them under a root
+task group that a SIGINT or SIGTERM cancels; `eddy dev` runs all three in one.
+Dependencies that are down at start are waited for with bounded backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import anyio
+import asyncpg
+import uvicorn
+from anyio.abc import TaskStatus
+from redis.exceptions import RedisError
+
+from app.contexts import CONTEXTS
+from app.settings import Settings
+from app.web import create_app
+from projections import PROJECTIONS, db
+from projections.projector import run_projector as project
+from streams.connection import Redis, Scripts, connect
+from streams.consumer import Backoff
+from streams.keys import Keys
+from streams.worker import run_worker as work
+
+log = logging.getLogger("eddy.runtime")
+T = TypeVar("T")
+
+GRACEFUL_SHUTDOWN_S = 10
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handlers: the process's root task group owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_web(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP until cancelled; then finish in-flight requests (bounded) and stop."""
+    sock = sock or bind(settings.host, settings.port)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        access_log=False,
+        lifespan="on",
+    )
+    server = _Server(config)
+
+    async def stop_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            server.should_exit = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_when_cancelled)
+        task_status.started()
+        with anyio.CancelScope(shield=True):
+            await server.serve(sockets=[sock])
+        tg.cancel_scope.cancel()
+
+
+async def _retrying(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    backoff = Backoff(first_s=0.2, cap_s=5)
+    while True:
+        try:
+            return await attempt()
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("waiting-for-dependency what=%s error=%r", what, exc)
+            await backoff.sleep()
+
+
+async def _redis(settings: Settings) -> tuple[Redis, Scripts]:
+    redis = connect(settings.redis_url)
+    scripts = Scripts(redis)
+    await _retrying("redis", scripts.load)
+    return redis, scripts
+
+
+async def run_worker(settings: Settings) -> None:
+    redis, scripts = await _redis(settings)
+    try:
+        await work(redis, scripts, Keys(settings.key_prefix, settings.shards), settings, CONTEXTS)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+
+
+async def run_projector(settings: Settings) -> None:
+    redis, scripts = await _redis(settings)
+    pool = await _retrying(
+        "postgres", lambda: db.create_pool(settings.database_url, settings.db_schema)
+    )
+    try:
+        keys = Keys(settings.key_prefix, settings.shards)
+        await project(redis, scripts, keys, settings, pool, PROJECTIONS)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+            await redis.aclose()
+
+
+async def migrate(settings: Settings) -> list[str]:
+    return await _retrying(
+        "postgres", lambda: db.migrate(settings.database_url, settings.db_schema)
+    )

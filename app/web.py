@@ -1,0 +1,179 @@
+"""The Starlette application: routes, the one place errors become responses, and
+the lifespan that holds the Redis client, the Postgres pool and the fan-out.
+
+The web process starts even while Redis or Postgres is down: requests that need
+them answer 503 and `/readyz` says so, until they are back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import asyncpg
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import commands, sse
+from app.contexts import CONTEXTS
+from app.errors import EddyError
+from app.openapi import openapi, schema_document
+from app.queries import query_routes
+from app.services import Metrics, Services, json_response
+from app.settings import Settings
+from projections import PROJECTIONS, db
+from streams.bus import CommandBus
+from streams.connection import Scripts, connect
+from streams.fanout import Fanout
+from streams.keys import Keys
+
+log = logging.getLogger("eddy.web")
+
+
+async def eddy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EddyError)
+    error = {"code": exc.code, "message": exc.message, **exc.details}
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return json_response({"error": error}, exc.status, headers)
+
+
+async def unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("dependency-unavailable path=%s error=%r", request.url.path, exc)
+    error = {"code": "unavailable", "message": f"a dependency is unavailable: {type(exc).__name__}"}
+    return json_response({"error": error}, 503, {"Retry-After": "1"})
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services: Services = request.app.state.services
+    checks: dict[str, str] = {}
+    with anyio.move_on_after(2):
+        try:
+            await services.redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError) as exc:
+            checks["redis"] = f"down: {type(exc).__name__}"
+    with anyio.move_on_after(2):
+        try:
+            await services.pool.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            checks["postgres"] = f"down: {type(exc).__name__}"
+    for name in ("redis", "postgres"):
+        checks.setdefault(name, "down: timeout")
+    ready = all(v == "ok" for v in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "unavailable", **checks}, 200 if ready else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def schema(request: Request) -> Response:
+    return json_response(schema_document())
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi(PROJECTIONS))
+
+
+class Timing:
+    """Records every HTTP request's latency by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(name, str(status)).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings) -> Starlette:
+    keys = Keys(settings.key_prefix, settings.shards)
+    metrics_ = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        scripts = Scripts(redis)
+        pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
+        fanout = Fanout(redis, keys, [c.name for c in CONTEXTS], settings)
+        services = Services(
+            settings=settings,
+            keys=keys,
+            redis=redis,
+            scripts=scripts,
+            bus=CommandBus(redis, scripts, keys, settings.command_ttl_s),
+            pool=pool,
+            fanout=fanout,
+            metrics=metrics_,
+        )
+        app.state.services = services
+        app.state.settings = settings
+        app.state.fanout = fanout
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fanout.run)
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+                await redis.aclose()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"], include_in_schema=False),
+        Route("/v1/schema", schema, methods=["GET"]),
+        Route("/v1/commands/{command_id}", commands.status, methods=["GET"]),
+        Route("/v1/commands/{type}", commands.submit, methods=["POST"]),
+        Route("/v1/events/stream", sse.event_stream, methods=["GET"]),
+        *query_routes(PROJECTIONS),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            EddyError: eddy_error,
+            RedisError: unavailable,
+            OSError: unavailable,
+            asyncpg.PostgresConnectionError: unavailable,
+            asyncpg.InterfaceError: unavailable,
+            asyncpg.CannotConnectNowError: unavailable,
+        },
+    )
+    app.add_middleware(Timing, metrics=metrics_)
+    return app

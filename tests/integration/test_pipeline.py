@@ -1,0 +1,55 @@
+"""A command travels the whole pipeline: bus → worker → event stream → projector → query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from projections import chat_sessions, db
+from projections.projection import QueryArgs
+from tests.pipeline import ADMIN, eventually, running
+
+
+async def session_row(pool: db.Pool, session_id: str) -> dict[str, Any] | None:
+    async with pool.acquire() as conn:
+        return await chat_sessions.get_session(
+            conn, QueryArgs(tenant_id=ADMIN.tenant, path={"session_id": session_id}, params={})
+        )
+
+
+async def test_create_update_close_archive(settings, redis, pool) -> None:
+    async with running(settings) as p:
+        created = await p.submit(
+            "CreateChatSession",
+            {"agent_id": "a1", "participants": [{"participant_id": "p1", "role": "observer"}]},
+            command_id="create-1",
+        )
+        assert created.new and created.status == "pending"
+        status = await p.outcome("create-1")
+        assert status.status == "processed" and status.position
+        session_id = created.aggregate_id
+
+        await p.submit(
+            "UpdateChatSessionParticipants",
+            {"session_id": session_id, "change_roles": [{"participant_id": "p1", "role": "agent"}]},
+            command_id="update-1",
+        )
+        await p.submit("CloseChatSession", {"session_id": session_id}, command_id="close-1")
+        await p.submit("ArchiveChatSession", {"session_id": session_id}, command_id="archive-1")
+        assert (await p.outcome("archive-1")).status == "processed"
+
+        row = await eventually(lambda: _with_version(pool, session_id, 4))
+        assert row["status"] == "archived"
+        assert row["participants"] == [{"participant_id": "p1", "role": "agent"}]
+
+
+async def _with_version(pool: db.Pool, session_id: str, version: int) -> dict[str, Any] | None:
+    row = await session_row(pool, session_id)
+    return row if row and row["version"] == version else None
+
+
+async def test_rejected_command_fails_with_its_rule(settings, redis, pool) -> None:
+    async with running(settings, projector=False) as p:
+        await p.submit("CloseChatSession", {"session_id": "missing"}, command_id="close-x")
+        status = await p.outcome("close-x")
+        assert status.status == "failed"
+        assert status.error == {"code": "not_found", "message": "no chat session missing"}
