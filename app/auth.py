@@ -56,7 +56,9 @@ def verify_token(secret: str, token: str) -> Principal:
     return Principal(sub=sub, tenant=tenant, roles=tuple(r for r in roles if r in ROLES))
 
 
-def authenticate(conn: HTTPConnection, secret: str, *, allow_query_token: bool = False) -> Principal:
+def authenticate(
+    conn: HTTPConnection, secret: str, *, allow_query_token: bool = False
+) -> Principal:
     """The principal of a request or WebSocket: `Authorization: Bearer`, or for
     browsers' SSE and WebSocket (`allow_query_token`) `?access_token=`."""
     header = conn.headers.get("authorization", "")

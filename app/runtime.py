@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 
 from app.contexts import CONTEXTS
 from app.settings import Settings
-from app.web import create_app
 from projections import PROJECTIONS, db
 from projections.projector import run_projector as project
 from streams.connection import Redis, Scripts, connect
@@ -59,6 +58,8 @@ async def serve_web(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HTTP until cancelled; then finish in-flight requests (bounded) and stop."""
+    from app.web import create_app  # the web stack is only loaded by the web process
+
     sock = sock or bind(settings.host, settings.port)
     config = uvicorn.Config(
         create_app(settings),
