@@ -1,0 +1,135 @@
+"""The Lua steps, driven directly against Redis."""
+
+from __future__ import annotations
+
+from streams.connection import Redis, Scripts
+from streams.keys import Keys, Shard
+
+SHARD = Shard("chat_sessions", 0)
+
+
+def setup(settings, redis: Redis) -> tuple[Keys, Scripts, list[str]]:
+    keys = Keys(settings.key_prefix, settings.shards)
+    scripts = Scripts(redis)
+    return keys, scripts, [keys.event_stream(SHARD), keys.lease(SHARD, "worker")]
+
+
+def command(
+    keys: Keys, cid: str, outcome: str, expected: int, events: list[bytes]
+) -> tuple[list[str], list[object]]:
+    return (
+        [keys.aggregate(SHARD, "t", "agg"), keys.command_status(SHARD, "t", cid)],
+        [
+            outcome,
+            expected,
+            b"state-after-" + cid.encode(),
+            b'{"code":"x"}',
+            ",".join(f"e{i}" for i in range(len(events))),
+            len(events),
+            *events,
+        ],
+    )
+
+
+async def apply(
+    scripts: Scripts, head: list[str], owner: str, *commands: tuple[list[str], list[object]]
+) -> object:
+    keys = list(head)
+    args: list[object] = [owner, 60]
+    for k, a in commands:
+        keys += k
+        args += a
+    return await scripts.apply(keys=keys, args=args)
+
+
+async def test_apply_writes_events_state_and_status_at_once(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    await redis.set(head[1], "me")
+    reply = await apply(scripts, head, "me", command(keys, "c1", "processed", 0, [b"ev1", b"ev2"]))
+    assert reply[0][0] == b"ok" and len(reply[0]) == 3
+    entries = await redis.xrange(head[0])
+    assert [f[b"e"] for _, f in entries] == [b"ev1", b"ev2"]
+    assert await redis.hget(keys.aggregate(SHARD, "t", "agg"), "version") == b"2"
+    status = await redis.hgetall(keys.command_status(SHARD, "t", "c1"))
+    assert status[b"status"] == b"processed" and status[b"events"] == b"e0,e1"
+    assert status[b"position"] == entries[-1][0]
+
+
+async def test_a_known_command_id_is_skipped(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    await redis.set(head[1], "me")
+    await apply(scripts, head, "me", command(keys, "c1", "processed", 0, [b"ev1"]))
+    reply = await apply(scripts, head, "me", command(keys, "c1", "processed", 1, [b"ev1-again"]))
+    assert reply == [[b"duplicate", b"processed"]]
+    assert await redis.xlen(head[0]) == 1
+
+
+async def test_a_stale_version_writes_nothing_and_breaks_the_chain(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    await redis.set(head[1], "me")
+    await apply(scripts, head, "me", command(keys, "c1", "processed", 0, [b"ev1"]))
+    reply = await apply(
+        scripts,
+        head,
+        "me",
+        command(keys, "c2", "processed", 0, [b"stale"]),
+        # decided on the state c2 would have made: must not land either
+        command(keys, "c3", "processed", 1, [b"after-stale"]),
+        command(keys, "c4", "failed", 2, []),
+    )
+    assert reply == [[b"conflict", b"1"], [b"conflict", b"1"], [b"conflict", b"1"]]
+    assert await redis.xlen(head[0]) == 1
+    assert await redis.hget(keys.aggregate(SHARD, "t", "agg"), "state") == b"state-after-c1"
+    assert not await redis.exists(keys.command_status(SHARD, "t", "c2"))
+
+
+async def test_a_failure_records_its_error_without_events(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    await redis.set(head[1], "me")
+    reply = await apply(scripts, head, "me", command(keys, "c1", "failed", 0, []))
+    assert reply == [[b"ok"]]
+    status = await redis.hgetall(keys.command_status(SHARD, "t", "c1"))
+    assert status[b"status"] == b"failed" and status[b"error"] == b'{"code":"x"}'
+    assert not await redis.exists(head[0])
+
+
+async def test_a_worker_without_the_lease_writes_nothing(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    await redis.set(head[1], "someone-else")
+    reply = await apply(scripts, head, "me", command(keys, "c1", "processed", 0, [b"ev1"]))
+    assert reply == b"fenced"
+    assert not await redis.exists(head[0])
+    assert not await redis.exists(keys.command_status(SHARD, "t", "c1"))
+
+
+async def test_submit_is_idempotent_by_command_id(settings, redis) -> None:
+    keys, scripts, _ = setup(settings, redis)
+    status_key, stream = keys.command_status(SHARD, "t", "c1"), keys.command_stream(SHARD)
+    first = await scripts.submit(keys=[status_key, stream], args=["T", "agg", b"rec", 60, "now"])
+    second = await scripts.submit(keys=[status_key, stream], args=["T", "agg", b"rec2", 60, "now"])
+    assert first == [b"new", b"pending", b"T", b"agg"]
+    assert second == [b"known", b"pending", b"T", b"agg"]
+    assert await redis.xlen(stream) == 1
+    assert 0 < await redis.ttl(status_key) <= 60
+
+
+async def test_lease_extend_and_release_only_for_the_owner(settings, redis) -> None:
+    keys, scripts, head = setup(settings, redis)
+    lease = head[1]
+    await redis.set(lease, "me", px=1000)
+    assert await scripts.lease_extend(keys=[lease], args=["other", 5000]) == 0
+    assert await scripts.lease_release(keys=[lease], args=["other"]) == 0
+    assert await scripts.lease_extend(keys=[lease], args=["me", 5000]) == 1
+    assert await redis.pttl(lease) > 1000
+    assert await scripts.lease_release(keys=[lease], args=["me"]) == 1
+    assert not await redis.exists(lease)
+
+
+async def test_consume_marks_only_pending_commands(settings, redis) -> None:
+    keys, scripts, _ = setup(settings, redis)
+    a, b = keys.command_status(SHARD, "t", "a"), keys.command_status(SHARD, "t", "b")
+    await redis.hset(a, "status", "pending")
+    await redis.hset(b, "status", "processed")
+    assert await scripts.consume(keys=[a, b], args=[]) == 1
+    assert await redis.hget(a, "status") == b"consumed"
+    assert await redis.hget(b, "status") == b"processed"
