@@ -23,6 +23,7 @@ from app.contexts import CONTEXTS
 from app.settings import Settings
 from projections import PROJECTIONS, db
 from projections.projector import run_projector as project
+from streams.bus import check_layout
 from streams.connection import Redis, Scripts, connect
 from streams.consumer import Backoff
 from streams.keys import Keys
@@ -98,6 +99,7 @@ async def _redis(settings: Settings) -> tuple[Redis, Scripts]:
     redis = connect(settings.redis_url)
     scripts = Scripts(redis)
     await _retrying("redis", scripts.load)
+    await check_layout(redis, Keys(settings.key_prefix, settings.shards))
     return redis, scripts
 
 

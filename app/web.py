@@ -7,6 +7,7 @@ them answer 503 and `/readyz` says so, until they are back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from app.queries import query_routes
 from app.services import Metrics, Services, json_response
 from app.settings import Settings
 from projections import PROJECTIONS, db
-from streams.bus import CommandBus
+from streams.bus import CommandBus, check_layout
 from streams.connection import Scripts, connect
 from streams.fanout import Fanout
 from streams.keys import Keys
@@ -127,6 +128,8 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         scripts = Scripts(redis)
+        with contextlib.suppress(RedisError, OSError):  # down now: /readyz will say so
+            await check_layout(redis, keys)
         pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
         fanout = Fanout(redis, keys, [c.name for c in CONTEXTS], settings)
         services = Services(

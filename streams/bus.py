@@ -15,7 +15,7 @@ import anyio
 import msgspec
 from redis.exceptions import RedisError
 
-from app.errors import IdempotencyConflict, Unavailable
+from app.errors import ConfigurationError, IdempotencyConflict, Unavailable
 from app.messages import CommandRecord, Envelope, envelope_decoder
 from streams.connection import Redis, Scripts
 from streams.keys import Keys, Shard
@@ -156,3 +156,18 @@ class CommandBus:
         return [
             stamp(shard, entry_id.decode(), fields[b"e"]) for entry_id, fields in reversed(entries)
         ]
+
+
+async def check_layout(redis: Redis, keys: Keys) -> None:
+    """Record the shard count on first start; refuse to run with a different one.
+
+    An aggregate's shard is its hash modulo the shard count: changing the count
+    would move aggregates to other streams and break their order.
+    """
+    meta = keys.meta()
+    await redis.hsetnx(meta, "shards", keys.shards)
+    recorded = int(await redis.hget(meta, "shards") or keys.shards)
+    if recorded != keys.shards:
+        raise ConfigurationError(
+            f"EDDY_SHARDS is {keys.shards} but this deployment's data uses {recorded} shards"
+        )
