@@ -66,8 +66,8 @@ def configure_logging(level: str) -> None:
 
 
 def require_secret(settings: Settings) -> None:
-    if not settings.jwt_secret:
-        raise ConfigurationError("EDDY_JWT_SECRET is not set")
+    if len(settings.jwt_secret) < 32:
+        raise ConfigurationError("EDDY_JWT_SECRET must be set, at least 32 characters (HS256)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from streams.bus import FINAL, CommandStatus
 
 MAX_ID_LENGTH = 128
 _ERROR_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
+_FIELD_NAME = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
 _encoder = msgspec.json.Encoder()
 
 
@@ -48,11 +49,14 @@ def parse_command(command_type: CommandType, body: bytes) -> Any:
     except msgspec.ValidationError as exc:
         match = _ERROR_PATH.match(str(exc))
         assert match is not None
-        path = match["path"]
-        if path is None:
+        message, path = match["message"], match["path"] or "$"
+        if path == "$" and message.startswith("Expected `object`"):
             raise Malformed(f"body must be a JSON object: {exc}") from None
+        named = _FIELD_NAME.search(message)
+        if named:  # a missing or unknown field: point at the field itself
+            path = f"{path}.{named[1]}"
         raise Invalid(
-            f"{command_type.name}: {exc}", fields=[{"path": path, "message": match["message"]}]
+            f"{command_type.name}: {exc}", fields=[{"path": path, "message": message}]
         ) from None
     except msgspec.DecodeError as exc:
         raise Malformed(f"body is not JSON: {exc}") from None

@@ -20,10 +20,11 @@ from streams.connection import Redis, connect
 from tests import services
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            item.add_marker(pytest.mark.anyio)
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Run every `async def` test under anyio (marked before anyio's plugin looks)."""
+    if name.startswith("test") and inspect.iscoroutinefunction(obj):
+        pytest.mark.anyio(obj)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def settings(redis_url: str, database_url: str) -> Settings:
         database_url=database_url,
         key_prefix=f"test-{tag}",
         db_schema=f"test_{tag}",
-        jwt_secret="test-secret",
+        jwt_secret="test-secret-that-is-long-enough-for-hs256",
         shards=2,
         lease_ttl_ms=2000,
         claim_idle_ms=2000,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 
 from tests.guarantees.test_g02_exactly_once import events_of
-from tests.pipeline import eventually, running
 from tests.integration.test_pipeline import session_row
+from tests.pipeline import eventually, running
 
 
 async def test_one_aggregate_in_acceptance_order(settings, redis, pool) -> None:
