@@ -179,7 +179,7 @@ async def test_unknown_ids_are_404(stack) -> None:
 async def test_pagination_walks_every_session_once(stack) -> None:
     c, auth = stack.client, stack.auth()
     last = None
-    for i in range(7):
+    for _ in range(7):
         last = await c.post(
             "/v1/commands/CreateChatSession?wait=5",
             json={"agent_id": "pager", "participants": []},

@@ -114,7 +114,7 @@ async def test_submit_is_idempotent_by_command_id(settings, redis) -> None:
 
 
 async def test_lease_extend_and_release_only_for_the_owner(settings, redis) -> None:
-    keys, scripts, head = setup(settings, redis)
+    _, scripts, head = setup(settings, redis)
     lease = head[1]
     await redis.set(lease, "me", px=1000)
     assert await scripts.lease_extend(keys=[lease], args=["other", 5000]) == 0
