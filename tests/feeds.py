@@ -1,0 +1,251 @@
+"""Feeding and reading the fan-out inside a test: events appended straight to the
+event streams (as the worker does), a running `Fanout`, fences, a real uvicorn
+server with the SSE route, and an SSE frame reader."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import sse
+from app.auth import issue_token
+from app.errors import EddyError
+from app.messages import Envelope, Metadata, utcnow
+from app.settings import Settings
+from streams.connection import Redis
+from streams.fanout import Delivery, Fanout, Item, Subscription
+from streams.keys import Keys
+
+CONTEXTS = ("chat_sessions", "message_streams", "traces")
+WAIT_S = 10
+"""How long a test waits for what it expects before it fails."""
+
+
+def keys_of(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.shards)
+
+
+def event(
+    tenant: str,
+    context: str,
+    aggregate_id: str,
+    version: int = 1,
+    *,
+    session_id: str | None = None,
+    type_name: str = "Happened",
+) -> Envelope:
+    return Envelope(
+        id=str(uuid.uuid4()),
+        type=type_name,
+        schema_version=1,
+        context=context,
+        aggregate_id=aggregate_id,
+        aggregate_version=version,
+        tenant_id=tenant,
+        occurred_at=utcnow(),
+        payload=msgspec.Raw(b'{"n":1}'),
+        metadata=Metadata(
+            command_id="c", correlation_id="c", causation_id="c", actor="t", session_id=session_id
+        ),
+    )
+
+
+async def append(redis: Redis, keys: Keys, envelope: Envelope) -> str:
+    """XADD an envelope to its aggregate's event stream; the entry id."""
+    shard = keys.shard_of(envelope.context, envelope.tenant_id, envelope.aggregate_id)
+    entry_id = await redis.xadd(keys.event_stream(shard), {"e": msgspec.json.encode(envelope)})
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+async def fence(
+    redis: Redis, keys: Keys, tenant: str, contexts: Sequence[str] = CONTEXTS
+) -> set[str]:
+    """Append one `Fence` event of `tenant` to every shard of every context.
+
+    Streams are read in order, so once a `*` subscriber of `tenant` has every
+    fence, every event appended before them has been published.
+    """
+    ids: set[str] = set()
+    for context in contexts:
+        missing = set(range(keys.shards))
+        n = 0
+        while missing:
+            aggregate_id = f"fence-{n}"
+            n += 1
+            shard = keys.shard_of(context, tenant, aggregate_id)
+            if shard.number in missing:
+                missing.discard(shard.number)
+                envelope = event(tenant, context, aggregate_id, type_name="Fence")
+                await append(redis, keys, envelope)
+                ids.add(envelope.id)
+    return ids
+
+
+@asynccontextmanager
+async def running(
+    redis: Redis, settings: Settings, contexts: Sequence[str] = CONTEXTS
+) -> AsyncIterator[Fanout]:
+    fanout = Fanout(redis, keys_of(settings), contexts, settings)
+    async with anyio.create_task_group() as tg:
+        await tg.start(fanout.run)
+        yield fanout
+        tg.cancel_scope.cancel()
+
+
+def deliveries(items: Sequence[Item]) -> list[Delivery]:
+    return [item for item in items if isinstance(item, Delivery)]
+
+
+async def take(subscription: Subscription, n: int) -> list[Item]:
+    """At least `n` items (whole batches), waiting up to `WAIT_S`."""
+    items: list[Item] = []
+    with anyio.fail_after(WAIT_S):
+        while len(items) < n:
+            items += await anext(subscription)
+    return items
+
+
+async def take_until(subscription: Subscription, ids: set[str]) -> list[Item]:
+    """Items until every event id in `ids` has arrived."""
+    items: list[Item] = []
+    missing = set(ids)
+    with anyio.fail_after(WAIT_S):
+        while missing:
+            batch = await anext(subscription)
+            items += batch
+            missing -= {d.envelope.id for d in deliveries(batch)}
+    return items
+
+
+async def drain(subscription: Subscription) -> list[Item]:
+    """Whatever is buffered now, without waiting for more."""
+    items: list[Item] = []
+    while True:
+        batch: list[Item] | None = None
+        with anyio.move_on_after(0):
+            batch = await anext(subscription)
+        if batch is None:
+            return items
+        items += batch
+
+
+# -- a real server ---------------------------------------------------------------
+
+
+async def eddy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EddyError)
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status)
+
+
+def feed_app(settings: Settings, redis: Redis, contexts: Sequence[str] = CONTEXTS) -> Starlette:
+    """The SSE route and the fan-out in the lifespan, as `app.web` has them."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        fanout = Fanout(redis, keys_of(settings), contexts, settings)
+        app.state.settings = settings
+        app.state.fanout = fanout
+        async with anyio.create_task_group() as tg:
+            await tg.start(fanout.run)
+            yield
+            tg.cancel_scope.cancel()
+
+    return Starlette(
+        routes=[Route("/v1/events/stream", sse.event_stream, methods=["GET"])],
+        lifespan=lifespan,
+        exception_handlers={EddyError: eddy_error},
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers (the test owns the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@asynccontextmanager
+async def serve(app: Starlette) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on a free port; the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    config = uvicorn.Config(
+        app, lifespan="on", ws="none", log_level="warning", timeout_graceful_shutdown=2
+    )
+    server = _Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 (uvicorn offers no event)
+                await anyio.sleep(0.01)
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.should_exit = True
+
+
+def bearer(settings: Settings, tenant: str) -> dict[str, str]:
+    token = issue_token(settings.jwt_secret, tenant=tenant, sub="tester", roles=["user"], ttl_s=600)
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Frame:
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    comment: str | None = None
+
+    @property
+    def envelope(self) -> Envelope:
+        assert self.data is not None
+        return msgspec.json.decode(self.data, type=Envelope)
+
+
+async def frames(response: httpx.Response) -> AsyncIterator[Frame]:
+    """The frames of an SSE response (a comment is a frame of its own)."""
+    frame = Frame()
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            yield Frame(comment=line[1:].strip())
+        elif line:
+            name, _, value = line.partition(":")
+            if name in ("id", "event", "data"):
+                setattr(frame, name, value.removeprefix(" "))
+        elif frame != Frame():
+            yield frame
+            frame = Frame()
+
+
+async def read_events(
+    stream: AsyncIterator[Frame], *, until: set[str] | None = None, count: int | None = None
+) -> tuple[list[Frame], str]:
+    """Event frames until every id in `until` (or `count` frames) arrived, and the
+    id to resume from after the last frame read."""
+    got: list[Frame] = []
+    last = ""
+    missing = set(until or ())
+    with anyio.fail_after(WAIT_S):
+        while missing or (count is not None and len(got) < count):
+            frame = await anext(stream)
+            last = frame.id or last
+            if frame.event is not None and frame.data is not None:
+                got.append(frame)
+                if frame.event != "reset":
+                    missing.discard(frame.envelope.id)
+    return got, last
