@@ -71,12 +71,18 @@ async def append(redis: Redis, keys: Keys, envelope: Envelope) -> str:
 
 
 async def fence(
-    redis: Redis, keys: Keys, tenant: str, contexts: Sequence[str] = CONTEXTS
+    redis: Redis,
+    keys: Keys,
+    tenant: str,
+    contexts: Sequence[str] = CONTEXTS,
+    *,
+    session_id: str | None = None,
 ) -> set[str]:
     """Append one `Fence` event of `tenant` to every shard of every context.
 
-    Streams are read in order, so once a `*` subscriber of `tenant` has every
-    fence, every event appended before them has been published.
+    Streams are read in order, so once a `*` (or `session/<session_id>`)
+    subscriber of `tenant` has every fence, every event appended before them has
+    been published.
     """
     ids: set[str] = set()
     for context in contexts:
@@ -88,7 +94,9 @@ async def fence(
             shard = keys.shard_of(context, tenant, aggregate_id)
             if shard.number in missing:
                 missing.discard(shard.number)
-                envelope = event(tenant, context, aggregate_id, type_name="Fence")
+                envelope = event(
+                    tenant, context, aggregate_id, session_id=session_id, type_name="Fence"
+                )
                 await append(redis, keys, envelope)
                 ids.add(envelope.id)
     return ids
