@@ -128,13 +128,18 @@ def _start_valkey(data_dir: Path, port: int, *, persist: bool) -> subprocess.Pop
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _pong(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            _terminate(process)
-            log_text = (data_dir / "valkey.log").read_bytes()[offset:].decode(errors="replace")
-            raise EmbeddedServerError(f"Valkey did not start on port {port}:\n{log_text[-2000:]}")
-        time.sleep(0.02)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _pong(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_text = (data_dir / "valkey.log").read_bytes()[offset:].decode(errors="replace")
+                raise EmbeddedServerError(
+                    f"Valkey did not start on port {port}:\n{log_text[-2000:]}"
+                )
+            time.sleep(0.02)
+    except BaseException:  # failed or interrupted: leave nothing running
+        _terminate(process)
+        raise
     return process
 
 
@@ -217,7 +222,11 @@ def embedded_postgres(
     elif pg.running():
         log.warning("embedded-stale-server server=postgres data=%s action=stop", pg.data)
         pg.stop()
-    chosen = _with_free_port(port, pg.start)[1]
+    try:
+        chosen = _with_free_port(port, pg.start)[1]
+    except BaseException:  # interrupted mid-start: pg_ctl may have left a postmaster
+        pg.stop()
+        raise
     url = f"postgresql://postgres@{HOST}:{chosen}/postgres"
     log.info(
         "embedded-started server=postgres url=%s seconds=%.2f", url, time.monotonic() - started
