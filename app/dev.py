@@ -69,7 +69,8 @@ def run_dev(settings: Settings, env: Mapping[str, str], home: Path | None = None
             if not env.get("DATABASE_URL"):
                 url = servers.enter_context(embedded.embedded_postgres(home / "postgres"))
                 settings = msgspec.structs.replace(settings, database_url=url)
-                notes["postgres"] = f"  (embedded PostgreSQL, data in {home / 'postgres'})"
+                data = embedded.postgres_data_dir(home / "postgres")
+                notes["postgres"] = f"  (embedded PostgreSQL, data in {data})"
             if not settings.jwt_secret:
                 settings = msgspec.structs.replace(settings, jwt_secret=_secret(home))
             # Held until the event loop listens for them (see `_until_signal`).

@@ -215,7 +215,9 @@ def embedded_postgres(
     `durable=False` turns fsync off (for tests: faster, unsafe on a crash). A
     server left running on `data_dir` by a killed process is stopped first.
     """
-    pg = _Postgres(_cluster_dir(data_dir.resolve()))
+    pg = _Postgres(postgres_data_dir(data_dir))
+    if pg.data != data_dir.resolve():
+        log.info("embedded-postgres-data-moved from=%s to=%s", data_dir, pg.data)
     started = time.monotonic()
     if not (pg.data / "PG_VERSION").exists():
         pg.initdb(durable=durable)
@@ -375,15 +377,14 @@ def _copy_for_everyone(install: Path) -> Path:
     return copied
 
 
-def _cluster_dir(data_dir: Path) -> Path:
-    """`data_dir`, or as root where `nobody` cannot reach it, a stable folder under /tmp."""
+def postgres_data_dir(data_dir: Path) -> Path:
+    """Where `embedded_postgres(data_dir)` keeps its cluster: `data_dir`, or as root
+    where `nobody` cannot reach it, a stable folder under /tmp."""
+    data_dir = data_dir.resolve()
     if os.geteuid() != 0 or _traversable(data_dir):
         return data_dir
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-    moved = SHARED_TMP / f"eddy-postgres-{digest}" / "data"
-    moved.parent.mkdir(mode=0o755, exist_ok=True)
-    log.info("embedded-postgres-data-moved from=%s to=%s", data_dir, moved)
-    return moved
+    return SHARED_TMP / f"eddy-postgres-{digest}" / "data"
 
 
 def _traversable(path: Path) -> bool:
