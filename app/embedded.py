@@ -82,7 +82,10 @@ def embedded_redis(
     data_dir.mkdir(parents=True, exist_ok=True)
     _stop_stale_valkey(data_dir / "valkey.pid")
     started = time.monotonic()
-    process, chosen = _with_free_port(port, lambda p: _start_valkey(data_dir, p, persist=persist))
+    binary = _valkey_binary()
+    process, chosen = _with_free_port(
+        port, lambda p: _start_valkey(binary, data_dir, p, persist=persist)
+    )
     url = f"redis://{HOST}:{chosen}/0"
     log.info("embedded-started server=valkey url=%s seconds=%.2f", url, time.monotonic() - started)
     try:
@@ -103,7 +106,9 @@ def _valkey_binary() -> Path:
     return Path(get_binary_path())
 
 
-def _start_valkey(data_dir: Path, port: int, *, persist: bool) -> subprocess.Popen[bytes]:
+def _start_valkey(
+    binary: Path, data_dir: Path, port: int, *, persist: bool
+) -> subprocess.Popen[bytes]:
     config = {
         "bind": HOST,
         "port": str(port),
@@ -121,7 +126,7 @@ def _start_valkey(data_dir: Path, port: int, *, persist: bool) -> subprocess.Pop
     with (data_dir / "valkey.log").open("ab") as out:
         offset = out.tell()
         process = subprocess.Popen(
-            [str(_valkey_binary()), str(conf)],
+            [str(binary), str(conf)],
             cwd=data_dir,
             stdin=subprocess.DEVNULL,
             stdout=out,
