@@ -51,6 +51,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PORT_ATTEMPTS = 3
+INITDB = ("--no-locale", "--encoding=UTF8", "--no-instructions")
 RUN_AS = "nobody"
 """The user Postgres runs as when we are root."""
 SHARED_TMP = Path("/tmp")
@@ -135,7 +136,7 @@ def _start_valkey(
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _pong(port):
+        while not _serves(port, process.pid):
             if process.poll() is not None or time.monotonic() > deadline:
                 log_text = (data_dir / "valkey.log").read_bytes()[offset:].decode(errors="replace")
                 raise EmbeddedServerError(
@@ -148,13 +149,29 @@ def _start_valkey(
     return process
 
 
-def _pong(port: int) -> bool:
+def _serves(port: int, pid: int) -> bool:
+    """Whether the Valkey answering on `port` is process `pid`: not some other
+    server that already held the port while ours failed to bind it."""
     try:
         with socket.create_connection((HOST, port), timeout=1.0) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            reply = b""
+            while b"\r\n" not in reply or len(reply) < _bulk_size(reply):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return False
+                reply += chunk
+    except (OSError, ValueError):
         return False
+    return f"\r\nprocess_id:{pid}\r\n".encode() in reply
+
+
+def _bulk_size(reply: bytes) -> int:
+    """The full length of a RESP bulk-string reply, from its header."""
+    header, _, _ = reply.partition(b"\r\n")
+    if not header.startswith(b"$"):
+        raise ValueError(f"not a bulk string: {header[:40]!r}")
+    return len(header) + 2 + int(header[1:]) + 2
 
 
 def _stop_stale_valkey(pidfile: Path) -> None:
@@ -260,15 +277,10 @@ class _Postgres:
         scratch = Path(tempfile.mkdtemp(prefix=f".{self.data.name}-", dir=self.data.parent))
         try:
             self._own(scratch)
-            self._run(
-                "initdb",
-                ["-D", str(scratch), "-U", "postgres", "--auth=trust"],
-                ["--no-locale", "--encoding=UTF8", "--no-instructions"],
-            )
+            self._run("initdb", ["-D", str(scratch), "-U", "postgres", "--auth=trust", *INITDB])
             settings = {"listen_addresses": f"'{HOST}'", "unix_socket_directories": "''"}
             if not durable:
-                settings |= {"fsync": "off", "synchronous_commit": "off"}
-                settings |= {"full_page_writes": "off"}
+                settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
             with (scratch / "postgresql.conf").open("a") as conf:
                 conf.write("\n# eddy embedded\n")
                 conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
@@ -285,15 +297,10 @@ class _Postgres:
     def start(self, port: int) -> None:
         log_file = self.data / "server.log"
         offset = log_file.stat().st_size if log_file.exists() else 0
-        result = self._run(
-            "pg_ctl",
-            ["start", "-w", "-t", str(int(START_TIMEOUT_S)), "-D", str(self.data)],
-            ["-l", str(log_file), "-o", f"-p {port}"],
-            check=False,
-        )
-        if result.returncode != 0:
-            with contextlib.suppress(OSError):
-                self._run("pg_ctl", ["stop", "-m", "immediate", "-D", str(self.data)], check=False)
+        start = ["start", "-w", "-t", str(int(START_TIMEOUT_S)), "-D", str(self.data)]
+        result = self._run("pg_ctl", [*start, "-l", str(log_file), "-o", f"-p {port}"], check=False)
+        if result.returncode != 0:  # a postmaster that outlived pg_ctl's wait must not linger
+            self._run("pg_ctl", ["stop", "-m", "immediate", "-D", str(self.data)], check=False)
             text = (
                 log_file.read_bytes()[offset:].decode(errors="replace") if log_file.exists() else ""
             )
@@ -313,15 +320,14 @@ class _Postgres:
         path.chmod(0o700)
 
     def _run(
-        self, program: str, *args: Sequence[str], check: bool = True
+        self, program: str, args: Sequence[str], *, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         options: dict[str, Any] = {}
         if self.as_root:
             user = pwd.getpwnam(RUN_AS)
             options = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        argv = [str(self.bin / program), *(a for group in args for a in group)]
         result = subprocess.run(
-            argv,
+            [str(self.bin / program), *args],
             cwd="/",  # Postgres tools fail in a working directory they cannot read
             stdin=subprocess.DEVNULL,
             capture_output=True,
