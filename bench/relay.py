@@ -1,0 +1,104 @@
+"""Baseline (b): a hand-written stream consumer, XREADGROUP → decode → XADD → XACK.
+
+Reads up to `--count` (100) command records per XREADGROUP, decodes each, XADDs
+one event per record (an envelope-like JSON whose `metadata.command_id` names
+the record) and XACKs the batch, all of it in one pipeline. The group is created
+at `0`, so entries added before the start are read too. It is both the drain
+baseline (a pre-filled source stream) and the middle hop of the two-hop latency
+baseline. Runs until SIGTERM or SIGINT:
+
+    python -m bench.relay --source S --dest D    # REDIS_URL from the environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import uuid
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import uvloop
+from redis.exceptions import RedisError, ResponseError
+
+GROUP = "relay"
+BLOCK_MS = 1000  # well under the socket timeout (LIMITS.md pitfall)
+
+
+class Record(msgspec.Struct):
+    id: str
+    type: str
+    payload: msgspec.Raw
+
+
+class Metadata(msgspec.Struct):
+    command_id: str
+
+
+class Event(msgspec.Struct):
+    id: str
+    type: str
+    payload: msgspec.Raw
+    metadata: Metadata
+
+
+_decoder = msgspec.json.Decoder(Record)
+_encoder = msgspec.json.Encoder()
+
+
+async def relay(client: aioredis.Redis, source: str, dest: str, count: int) -> None:
+    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+        await client.xgroup_create(source, GROUP, id="0", mkstream=True)
+    while True:
+        try:
+            reply: Any = await client.xreadgroup(
+                GROUP, "relay-1", {source: ">"}, count=count, block=BLOCK_MS
+            )
+        except (RedisError, OSError):
+            await asyncio.sleep(0.1)
+            continue
+        if not reply:
+            continue
+        entries = reply[0][1]
+        pipe = client.pipeline(transaction=False)
+        for _, fields in entries:
+            record = _decoder.decode(fields[b"c"])
+            event = Event(
+                id=str(uuid.uuid4()),
+                type=f"{record.type}Done",
+                payload=record.payload,
+                metadata=Metadata(command_id=record.id),
+            )
+            pipe.xadd(dest, {"e": _encoder.encode(event)})
+        pipe.xack(source, GROUP, *(entry_id for entry_id, _ in entries))
+        await pipe.execute()
+
+
+async def main(source: str, dest: str, count: int) -> None:
+    client = aioredis.Redis.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), socket_timeout=10.0
+    )
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await relay(client, source, dest, count)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await client.aclose()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True)
+    p.add_argument("--dest", required=True)
+    p.add_argument("--count", type=int, default=100)
+    args = p.parse_args()
+    uvloop.run(main(args.source, args.dest, args.count))
