@@ -132,12 +132,13 @@ def create_app(settings: Settings) -> Starlette:
             await check_layout(redis, keys)
         pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
         fanout = Fanout(redis, keys, [c.name for c in CONTEXTS], settings)
+        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
         services = Services(
             settings=settings,
             keys=keys,
             redis=redis,
             scripts=scripts,
-            bus=CommandBus(redis, scripts, keys, settings.command_ttl_s),
+            bus=bus,
             pool=pool,
             fanout=fanout,
             metrics=metrics_,
@@ -148,6 +149,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fanout.run)
+                await tg.start(bus.run)
                 yield
                 tg.cancel_scope.cancel()
         finally:
