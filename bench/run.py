@@ -37,6 +37,7 @@ import os
 import platform
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -472,6 +473,7 @@ class Bench:
         finally:
             await db.close()
         return {
+            **code_version(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "redis": info.get("redis_version"),
@@ -489,6 +491,26 @@ class Bench:
         finally:
             await db.close()
         await self.redis.aclose()
+
+
+def code_version() -> dict[str, object]:
+    """The commit the processes ran, and the files of theirs changed since (the
+    working tree is what runs, and others may be editing it)."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return done.stdout.rstrip()
+
+    changed = [
+        line[3:]
+        for line in git("status", "--porcelain", "--", "app", "streams", "projections").splitlines()
+    ]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted": changed}
 
 
 def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
@@ -589,8 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(finite(result), indent=2, default=str) + "\n")
     m = result["machine"]
+    dirty = f" + uncommitted {', '.join(m['uncommitted'])}" if m["uncommitted"] else ""
     print(
-        f"\nEddy bench {result['started_at']}: {m['cpus']} CPUs, Redis {m['redis']},"
+        f"\nEddy bench {result['started_at']}, commit {m['commit']}{dirty}:"
+        f" {m['cpus']} CPUs, Redis {m['redis']},"
         f" Postgres {m['postgres']}, {m['shards']} shards, {opts.connections} connections"
         f" ({opts.client} client), {result['wall_s']} s in all\n"
     )
