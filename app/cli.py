@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import anyio
 
@@ -39,22 +38,6 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     return p
-
-
-async def until_signal(run: Callable[[], Awaitable[object]]) -> None:
-    """Run `run()` under a root task group that SIGINT or SIGTERM cancels."""
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("shutdown-requested signal=%s", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
-        await run()
-        tg.cancel_scope.cancel()
 
 
 def configure_logging(level: str) -> None:
@@ -103,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "worker": runtime.run_worker,
             "projector": runtime.run_projector,
         }[args.command]
-        anyio.run(until_signal, lambda: process(settings), backend_options={"use_uvloop": True})
+        runtime.run_until_signal(lambda: process(settings))
         return 0
     except ConfigurationError as exc:
         print(f"eddy: {exc.message}", file=sys.stderr)

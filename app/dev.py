@@ -29,7 +29,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -42,7 +42,6 @@ from app.settings import Settings
 log = logging.getLogger("eddy.dev")
 
 HOME = ".eddy"
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 TOKEN_TTL_S = 7 * 24 * 3600
 TOKEN_TENANT = "dev"
 TOKEN_SUB = "dev-admin"
@@ -73,15 +72,8 @@ def run_dev(settings: Settings, env: Mapping[str, str], home: Path | None = None
                 notes["postgres"] = f"  (embedded PostgreSQL, data in {data})"
             if not settings.jwt_secret:
                 settings = msgspec.structs.replace(settings, jwt_secret=_secret(home))
-            # Held until the event loop listens for them (see `_until_signal`).
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            try:
-                run = functools.partial(_serve, settings, sock, notes)
-                anyio.run(_until_signal, run, backend_options={"use_uvloop": True})
-            finally:  # the servers stop next: nothing may interrupt that
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            # the servers stop after this: from the first signal on, others are ignored
+            runtime.run_until_signal(functools.partial(_serve, settings, sock, notes))
     except (DevError, embedded.EmbeddedServerError) as exc:
         print(f"eddy dev: {exc}", file=sys.stderr)
         return 1
@@ -91,29 +83,6 @@ def run_dev(settings: Settings, env: Mapping[str, str], home: Path | None = None
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
-
-
-async def _until_signal(run: Callable[[], Awaitable[None]]) -> None:
-    """`app.cli.until_signal`, minus its two races: a signal that arrives before the
-    receiver is installed (then a KeyboardInterrupt inside a task, or SIGTERM's
-    default action), and a second one after it is removed (SIGTERM's default
-    action again, which would leave the servers running). The caller blocks the
-    signals until here; the receiver stays open until the task group is done."""
-    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def cancel_on_signal() -> None:
-                    async for signum in signals:
-                        log.info("shutdown-requested signal=%s", signal.Signals(signum).name)
-                        tg.cancel_scope.cancel()
-
-                tg.start_soon(cancel_on_signal)
-                await run()
-                tg.cancel_scope.cancel()
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 async def _serve(settings: Settings, sock: socket.socket, notes: Mapping[str, str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -124,6 +125,48 @@ async def run_projector(settings: Settings) -> None:
         with anyio.CancelScope(shield=True):
             await pool.close()
             await redis.aclose()
+
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def run_until_signal(run: Callable[[], Awaitable[None]]) -> None:
+    """Run `run()` under anyio until it returns or SIGINT/SIGTERM cancels it.
+
+    The signals are blocked until the event loop listens for them and ignored
+    once it has stopped: one arriving during start-up cancels cleanly instead of
+    raising inside a task, and a second one during shutdown cannot kill the
+    process half-way (SIGTERM's default action).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        anyio.run(until_signal, run, backend_options={"use_uvloop": True})
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+async def until_signal(run: Callable[[], Awaitable[None]]) -> None:
+    """One root task group: `run()`, and a receiver that cancels it on a signal.
+
+    The caller blocks the signals until the receiver is installed; it stays
+    installed until the task group is done."""
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_on_signal() -> None:
+                    async for signum in signals:
+                        log.info("shutdown-requested signal=%s", signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+
+                tg.start_soon(cancel_on_signal)
+                await run()
+                tg.cancel_scope.cancel()
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 async def migrate(settings: Settings) -> list[str]:
