@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anyio
 
@@ -53,10 +53,11 @@ def require_secret(settings: Settings) -> None:
         raise ConfigurationError("EDDY_JWT_SECRET must be set, at least 32 characters (HS256)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = parser().parse_args(argv)
+    env = os.environ if env is None else env
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(env)
         configure_logging(settings.log_level)
         if args.command == "token":
             require_secret(settings)
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev":
             from app.dev import run_dev
 
-            return int(run_dev(settings, os.environ))
+            return int(run_dev(settings, env))
         if args.command == "migrate":
             applied = anyio.run(runtime.migrate, settings)
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
