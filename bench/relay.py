@@ -5,7 +5,8 @@ one event per record (an envelope-like JSON whose `metadata.command_id` names
 the record) and XACKs the batch, all of it in one pipeline. The group is created
 at `0`, so entries added before the start are read too. It is both the drain
 baseline (a pre-filled source stream) and the middle hop of the two-hop latency
-baseline. Runs until SIGTERM or SIGINT:
+baseline. Runs until SIGTERM or SIGINT, which end the loop between two reads
+(a flag, not a cancellation, so no blocking read is interrupted half-way):
 
     python -m bench.relay --source S --dest D    # REDIS_URL from the environment
 """
@@ -50,10 +51,13 @@ _decoder = msgspec.json.Decoder(Record)
 _encoder = msgspec.json.Encoder()
 
 
-async def relay(client: aioredis.Redis, source: str, dest: str, count: int) -> None:
+async def relay(
+    client: aioredis.Redis, source: str, dest: str, count: int, stop: asyncio.Event
+) -> None:
+    """Relay until `stop` is set (checked between reads, so within `BLOCK_MS`)."""
     with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
         await client.xgroup_create(source, GROUP, id="0", mkstream=True)
-    while True:
+    while not stop.is_set():
         try:
             reply: Any = await client.xreadgroup(
                 GROUP, "relay-1", {source: ">"}, count=count, block=BLOCK_MS
@@ -82,15 +86,12 @@ async def main(source: str, dest: str, count: int) -> None:
     client = aioredis.Redis.from_url(
         os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), socket_timeout=10.0
     )
-    task = asyncio.current_task()
-    assert task is not None
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop.set)
     try:
-        await relay(client, source, dest, count)
-    except asyncio.CancelledError:
-        pass
+        await relay(client, source, dest, count, stop)
     finally:
         await client.aclose()
 

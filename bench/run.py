@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,6 +149,60 @@ async def watch(
         for p in procs:
             p.check()
         await asyncio.sleep(interval_s)
+
+
+async def ended(task: asyncio.Task[None], timeout_s: float = 5.0) -> None:
+    """Wait until `task` (told to stop, or cancelled) has ended; raise its error.
+
+    Bounded, and without `suppress(CancelledError)`, which would also swallow a
+    cancellation of the waiting task itself."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        raise RuntimeError(f"task {task.get_name()} did not stop")
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error
+
+
+def awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task is: the chain of coroutines it awaits, outermost first."""
+    places: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            places.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return places
+
+
+@contextlib.asynccontextmanager
+async def watchdog(name: str, budget_s: float) -> AsyncIterator[None]:
+    """Fail a phase that takes longer than `budget_s`, printing where every task was
+    (a hang shows where it hangs instead of running forever)."""
+    current = asyncio.current_task()
+    assert current is not None
+
+    async def bite() -> None:
+        await asyncio.sleep(budget_s)
+        print(f"{name} still running after {budget_s:.0f} s; tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            print(f"  {task.get_name()}:", *awaiting(task), sep="\n    ", file=sys.stderr)
+        current.cancel()
+
+    dog = asyncio.create_task(bite())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if dog.done():
+            current.uncancel()
+            raise TimeoutError(f"{name} took over {budget_s:.0f} s") from None
+        raise
+    finally:
+        dog.cancel()
+        await asyncio.wait({dog})
 
 
 def record(command_id: str) -> bytes:
@@ -350,10 +404,12 @@ class Bench:
         relay = self.python("relay", ["-m", "bench.relay", "--source", source, "--dest", dest])
         received: dict[str, float] = {}
 
+        stop = asyncio.Event()
+
         async def read() -> None:
             last: bytes | str = "0-0"
-            while True:
-                reply: Any = await self.redis.xread({dest: last}, block=1000, count=500)
+            while not stop.is_set():
+                reply: Any = await self.redis.xread({dest: last}, block=100, count=500)
                 for entry_id, fields in reply[0][1] if reply else []:
                     arrived = time.perf_counter()
                     received[load.frame_decoder.decode(fields[b"e"]).metadata.command_id] = arrived
@@ -370,9 +426,8 @@ class Bench:
             try:
                 await self.paced("baseline-two-hops", [relay], xadd, received)
             finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                stop.set()
+                await ended(reader)
         await self.redis.unlink(source, dest)
 
     async def _has_group(self, stream: str) -> bool:
@@ -437,8 +492,7 @@ class Bench:
                 await self.paced("eddy-sse-latency", procs, post.post, received)
         finally:
             feed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feed
+            await ended(feed)
 
     # -- the whole run -------------------------------------------------------------------
 
@@ -446,10 +500,11 @@ class Bench:
         shutil.rmtree(self.logs, ignore_errors=True)
         started = datetime.now(UTC)
         machine = await self.machine()
+        budget = 3 * (self.opts.duration_s + self.opts.latency_s) + 3 * DRAIN_TIMEOUT_S
         try:
-            await self.baselines()
-            await self.baseline_two_hops()
-            await self.eddy()
+            for phase in (self.baselines, self.baseline_two_hops, self.eddy):
+                async with watchdog(phase.__name__, budget):
+                    await phase()
         finally:
             self.say("cleaning up")
             await self.cleanup()
