@@ -41,6 +41,7 @@ is logged and skipped. Anything else is a bug and ends `run`.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -219,6 +220,32 @@ def _deliver(shard: Shard, raw_id: bytes, envelope: Envelope, token: str) -> Del
     return Delivery(token, envelope, envelope_encoder.encode(envelope))
 
 
+class Vector:
+    """The last entry id read per shard, with its token kept up to date.
+
+    `token()` equals `encode_cursor(ids)`, but only the part of the shard that
+    moved is formatted again: re-sorting and re-formatting every shard took half
+    of the ~20 µs an event cost the fan-out (20 shards). A test holds the two equal.
+    """
+
+    def __init__(self, ids: dict[Shard, EntryId]) -> None:
+        self.ids = ids
+        order = sorted(ids, key=lambda s: (s.context, s.number))
+        self._slot = {shard: n for n, shard in enumerate(order)}
+        self._parts = [_token_part(shard, ids[shard]) for shard in order]
+
+    def advance(self, shard: Shard, entry_id: EntryId) -> None:
+        self.ids[shard] = entry_id
+        self._parts[self._slot[shard]] = _token_part(shard, entry_id)
+
+    def token(self) -> str:
+        return base64.urlsafe_b64encode(";".join(self._parts).encode()).decode().rstrip("=")
+
+
+def _token_part(shard: Shard, entry_id: EntryId) -> str:
+    return f"{shard.context}.{shard.number}.{entry_id[0]}-{entry_id[1]}"
+
+
 class Fanout:
     """Reads every event stream of `contexts` and broadcasts to local subscribers."""
 
@@ -231,7 +258,7 @@ class Fanout:
         self._buffer = settings.subscriber_buffer
         self._streams = {keys.event_stream(s): s for c in contexts for s in keys.shards_of(c)}
         self._shard_of = {key.encode(): shard for key, shard in self._streams.items()}
-        self._vector: dict[Shard, EntryId] = {}
+        self._vector = Vector({})
         self._tenants: dict[str, set[Subscription]] = {}
         self._state = "starting"
         self._progress = anyio.Event()
@@ -276,8 +303,8 @@ class Fanout:
         backoff = Backoff()
         while True:
             try:
-                for key, shard in self._streams.items():
-                    self._vector[shard] = await self._tail(key)
+                tails = {shard: await self._tail(key) for key, shard in self._streams.items()}
+                self._vector = Vector(tails)
                 return
             except RETRYABLE as exc:
                 log.warning("fanout-start-retry error=%r", exc)
@@ -296,7 +323,9 @@ class Fanout:
         """One reader: XREAD BLOCK over `streams` from the vector, publish, repeat."""
         backoff = Backoff()
         while True:
-            ids: dict[Any, Any] = {k: format_entry_id(self._vector[s]) for k, s in streams.items()}
+            ids: dict[Any, Any] = {
+                k: format_entry_id(self._vector.ids[s]) for k, s in streams.items()
+            }
             try:
                 reply: Any = await self._redis.xread(ids, count=READ_COUNT, block=BLOCK_MS)
             except RETRYABLE as exc:
@@ -311,7 +340,7 @@ class Fanout:
     def _publish(self, shard: Shard, entries: list[Entry]) -> None:
         """Hand each entry to the subscribers it matches. Never awaits."""
         for entry in entries:
-            self._vector[shard] = _entry_id(entry[0])
+            self._vector.advance(shard, _entry_id(entry[0]))
             if not self._tenants:
                 continue
             envelope = _decode(shard, entry)
@@ -323,7 +352,7 @@ class Fanout:
             matched = [s for s in audience if s.topics.match(envelope)]
             if not matched:
                 continue
-            item = _deliver(shard, entry[0], envelope, encode_cursor(self._vector))
+            item = _deliver(shard, entry[0], envelope, self._vector.token())
             for subscription in matched:
                 if not subscription._offer(item):
                     audience.discard(subscription)
@@ -344,10 +373,10 @@ class Fanout:
         since = subscription._since
         if since is not None:
             with anyio.move_on_after(AHEAD_WAIT_S):
-                while any(self._vector[s] < e for s, e in since.items()):
+                while any(self._vector.ids[s] < e for s, e in since.items()):
                     await self._progress.wait()
         # From here to the end: one step, no await, so no event falls between.
-        subscription._begin(dict(self._vector), self._redis, self._keys)
+        subscription._begin(dict(self._vector.ids), self._redis, self._keys)
         self._tenants.setdefault(subscription.tenant_id, set()).add(subscription)
 
     def _leave(self, subscription: Subscription) -> None:

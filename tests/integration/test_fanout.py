@@ -4,9 +4,11 @@ reader errors."""
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 
 import anyio
+import httpx
 import msgspec
 import pytest
 
@@ -15,19 +17,24 @@ from app.messages import envelope_encoder
 from app.settings import Settings
 from streams import fanout as fanout_module
 from streams.connection import Redis, connect
-from streams.fanout import Delivery, Lagging, Reset, Topics
-from streams.keys import Shard
+from streams.fanout import Delivery, Lagging, Reset, Topics, Vector
+from streams.keys import Keys, Shard
 from streams.positions import encode_cursor
 from tests.feeds import (
     CONTEXTS,
     WAIT_S,
     append,
+    bearer,
     deliveries,
     drain,
     event,
+    feed_app,
     fence,
+    frames,
     keys_of,
+    read_events,
     running,
+    serve,
     take,
     take_until,
 )
@@ -112,6 +119,16 @@ async def test_bad_topics_and_tokens_are_refused_at_once(settings: Settings, red
     for token in ("", "!!!", "bm90IGEgdG9rZW4", other):
         with pytest.raises(BadPosition):
             fanout.subscribe("a", ["*"], token)
+
+
+def test_vector_tokens_equal_encode_cursor() -> None:
+    keys = Keys("x", 3)
+    shards = [s for c in ("traces", "chat_sessions", "tools") for s in keys.shards_of(c)]
+    vector = Vector(dict.fromkeys(shards, (0, 0)))
+    assert vector.token() == encode_cursor(vector.ids)
+    for n, shard in enumerate(shards * 3):
+        vector.advance(shard, (1_700_000_000_000 + n, n % 3))
+        assert vector.token() == encode_cursor(vector.ids)
 
 
 def test_topics_parse() -> None:
@@ -328,3 +345,61 @@ async def test_stopping_the_fanout_ends_every_subscription(
                 pytest.raises(StopAsyncIteration),
             ):
                 await anext(sub)
+
+
+@pytest.mark.parametrize("buffer", [20, 100_000], ids=["buffer-overflow", "send-timeout"])
+async def test_a_stalled_sse_client_is_cut_off_and_others_keep_receiving(
+    settings: Settings, redis: Redis, buffer: int
+) -> None:
+    settings = msgspec.structs.replace(settings, subscriber_buffer=buffer, send_timeout_s=0.5)
+    keys = keys_of(settings)
+    app = feed_app(settings, redis)
+    auth = bearer(settings, "a")
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        host, port = base.removeprefix("http://").split(":")
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(10)
+        stalled.connect((host, int(port)))
+        try:
+            request = f"GET /v1/events/stream?topic=*&access_token={auth['Authorization'][7:]}"
+            stalled.sendall(f"{request} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            async with client.stream(
+                "GET", "/v1/events/stream", params={"topic": "*"}, headers=auth
+            ) as active:
+                stream = frames(active)
+                await anext(stream)
+                with anyio.fail_after(WAIT_S):
+                    while app.state.fanout.subscribers < 2:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                big = b'{"text":"' + b"x" * 32_000 + b'"}'
+                sent: list[str] = []
+                got: list[str] = []
+                for n in range(300):  # paced, so the active client is never 20 behind
+                    envelope = event("a", "traces", "t1", n + 1, payload=big)
+                    await append(redis, keys, envelope)
+                    sent.append(envelope.id)
+                    if n % 10 == 9:
+                        frames_got, _ = await read_events(stream, until=set(sent) - set(got))
+                        got += [f.envelope.id for f in frames_got]
+                assert got == sent
+                with anyio.fail_after(WAIT_S):
+                    while app.state.fanout.subscribers > 1:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+            # The stalled response was ended (or its connection closed), after a part.
+            received = await anyio.to_thread.run_sync(_read_to_end, stalled)
+            assert 0 < received < 300 * 32_000
+        finally:
+            stalled.close()
+
+
+def _read_to_end(sock: socket.socket) -> int:
+    """Bytes read until the response's last chunk, or until the server closed."""
+    total = 0
+    tail = b""
+    while chunk := sock.recv(1 << 16):
+        total += len(chunk)
+        tail = (tail + chunk)[-5:]
+        if tail == b"0\r\n\r\n":
+            break
+    return total
