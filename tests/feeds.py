@@ -29,7 +29,7 @@ from streams.connection import Redis
 from streams.fanout import Delivery, Fanout, Item, Subscription
 from streams.keys import Keys
 
-CONTEXTS = ("chat_sessions", "message_streams", "traces")
+CONTEXTS = ("chat_sessions", "message_streams", "tools", "traces")
 WAIT_S = 10
 """How long a test waits for what it expects before it fails."""
 
@@ -46,6 +46,7 @@ def event(
     *,
     session_id: str | None = None,
     type_name: str = "Happened",
+    payload: bytes = b'{"n":1}',
 ) -> Envelope:
     return Envelope(
         id=str(uuid.uuid4()),
@@ -56,7 +57,7 @@ def event(
         aggregate_version=version,
         tenant_id=tenant,
         occurred_at=utcnow(),
-        payload=msgspec.Raw(b'{"n":1}'),
+        payload=msgspec.Raw(payload),
         metadata=Metadata(
             command_id="c", correlation_id="c", causation_id="c", actor="t", session_id=session_id
         ),

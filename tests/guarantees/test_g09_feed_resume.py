@@ -202,3 +202,9 @@ async def test_a_browser_event_source_can_subscribe(settings: Settings, redis: R
         stream = frames(response)
         assert (await anext(stream)).id
         assert (await anext(stream)).comment == "keepalive"
+        assert (await anext(stream)).comment == "keepalive"
+        # A keep-alive interrupts the wait for events, and loses none.
+        envelope = event("a", "tools", "x")
+        await append(redis, keys_of(settings), envelope)
+        [frame], _ = await read_events(stream, count=1)
+        assert frame.envelope.id == envelope.id
