@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -69,6 +70,7 @@ async def consume(
     retry_on: tuple[type[BaseException], ...] = RETRYABLE,
 ) -> None:
     """Feed `handle` every entry of `stream` for `group`, in order, until cancelled."""
+    reader = GroupReader(redis, stream, group, consumer, handle, lease, batch, claim_idle_ms)
     backoff = Backoff()
     taken_over = False
     while True:
@@ -77,95 +79,80 @@ async def consume(
                 raise LeaseLost(stream)
             await ensure_group(redis, stream, group)
             if not taken_over:
-                await _claim(redis, stream, group, consumer, 0, batch)
+                await reader.claim(min_idle_ms=0)
                 taken_over = True
-            await _drain_pending(redis, stream, group, consumer, handle, lease, batch)
-            await _read_new(redis, stream, group, consumer, handle, lease, batch, claim_idle_ms)
+            await reader.drain_pending()
+            await reader.read_new()
             backoff.reset()
         except retry_on as exc:
             log.warning("consumer-retry stream=%s error=%r", stream, exc)
             await backoff.sleep()
 
 
-async def _claim(
-    redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, batch: int
-) -> int:
-    """Move entries idle at least `min_idle_ms` to this consumer; return how many."""
-    claimed = 0
-    start = "0-0"
-    while True:
-        reply: Any = await redis.xautoclaim(
-            stream,
-            group,
-            consumer,
-            min_idle_time=min_idle_ms,
-            start_id=start,
-            count=batch,
+@dataclass(frozen=True)
+class GroupReader:
+    """One consumer of one group on one stream, held by the shard's lease."""
+
+    redis: Redis
+    stream: str
+    group: str
+    consumer: str
+    handle: Handle
+    lease: ShardLease
+    batch: int
+    claim_idle_ms: int
+
+    async def claim(self, min_idle_ms: int) -> int:
+        """Move entries idle at least `min_idle_ms` to this consumer; return how many."""
+        claimed = 0
+        start = "0-0"
+        while True:
+            reply: Any = await self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=min_idle_ms,
+                start_id=start,
+                count=self.batch,
+            )
+            # Not JUSTID: redis-py drops the cursor from a JUSTID reply.
+            start, claimed_now = reply[0], reply[1]
+            claimed += len(claimed_now)
+            if start in (b"0-0", "0-0"):
+                return claimed
+
+    async def drain_pending(self) -> None:
+        """Handle the entries already delivered to this consumer, in stream order."""
+        cursor: bytes | str = "0"
+        while entries := await self._read(cursor):
+            cursor = entries[-1][0]
+            await self._handle(entries)
+
+    async def read_new(self) -> None:
+        """Read new entries until stale ones need claiming; then return to re-drain."""
+        every_s = self.claim_idle_ms / 2000
+        next_claim = time.monotonic() + every_s
+        while True:
+            entries = await self._read(">", block=BLOCK_MS)
+            if entries:
+                await self._handle(entries)
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + every_s
+                if await self.claim(self.claim_idle_ms):
+                    return
+
+    async def _read(self, cursor: bytes | str, block: int | None = None) -> list[Entry]:
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: cursor}, count=self.batch, block=block
         )
-        # Not JUSTID: redis-py drops the cursor from a JUSTID reply.
-        start, claimed_now = reply[0], reply[1]
-        claimed += len(claimed_now)
-        if start in (b"0-0", "0-0"):
-            return claimed
+        return reply[0][1] if reply else []
 
-
-async def _drain_pending(
-    redis: Redis,
-    stream: str,
-    group: str,
-    consumer: str,
-    handle: Handle,
-    lease: ShardLease,
-    batch: int,
-) -> None:
-    cursor: bytes | str = "0"
-    while True:
-        reply: Any = await redis.xreadgroup(group, consumer, {stream: cursor}, count=batch)
-        entries: list[Entry] = reply[0][1] if reply else []
-        if not entries:
-            return
-        cursor = entries[-1][0]
-        await _handle(redis, stream, group, handle, lease, entries)
-
-
-async def _read_new(
-    redis: Redis,
-    stream: str,
-    group: str,
-    consumer: str,
-    handle: Handle,
-    lease: ShardLease,
-    batch: int,
-    claim_idle_ms: int,
-) -> None:
-    """Read new entries until stale ones need claiming; then return to re-drain."""
-    next_claim = time.monotonic() + claim_idle_ms / 2000
-    while True:
-        reply: Any = await redis.xreadgroup(
-            group, consumer, {stream: ">"}, count=batch, block=BLOCK_MS
-        )
-        entries: list[Entry] = reply[0][1] if reply else []
-        if entries:
-            await _handle(redis, stream, group, handle, lease, entries)
-        if time.monotonic() >= next_claim:
-            next_claim = time.monotonic() + claim_idle_ms / 2000
-            if await _claim(redis, stream, group, consumer, claim_idle_ms, batch):
-                return
-
-
-async def _handle(
-    redis: Redis,
-    stream: str,
-    group: str,
-    handle: Handle,
-    lease: ShardLease,
-    entries: list[Entry],
-) -> None:
-    if not lease.held():
-        raise LeaseLost(stream)
-    # An entry deleted from the stream while pending comes back without fields.
-    live = [(entry_id, fields) for entry_id, fields in entries if fields]
-    gone = [entry_id for entry_id, fields in entries if not fields]
-    done = await handle(live) if live else []
-    if done or gone:
-        await redis.xack(stream, group, *done, *gone)
+    async def _handle(self, entries: list[Entry]) -> None:
+        if not self.lease.held():
+            raise LeaseLost(self.stream)
+        # An entry deleted from the stream while pending comes back without fields.
+        live = [(entry_id, fields) for entry_id, fields in entries if fields]
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        done = await self.handle(live) if live else []
+        if done or gone:
+            await self.redis.xack(self.stream, self.group, *done, *gone)
