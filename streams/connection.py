@@ -42,6 +42,7 @@ class Scripts:
     def __init__(self, client: Redis) -> None:
         self.submit: AsyncScript = client.register_script(_source("submit"))
         self.consume: AsyncScript = client.register_script(_source("consume"))
+        self.load_states: AsyncScript = client.register_script(_source("load"))
         self.apply: AsyncScript = client.register_script(_source("apply"))
         self.lease_extend: AsyncScript = client.register_script(_source("lease_extend"))
         self.lease_release: AsyncScript = client.register_script(_source("lease_release"))

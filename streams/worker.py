@@ -138,10 +138,7 @@ class ShardWorker:
         missing = list(dict.fromkeys(k for k in aggregate_keys if k not in self.states))
         if not missing:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in missing:
-                pipe.hmget(key, ["version", "state"])
-            rows = await pipe.execute()
+        rows = await self.scripts.load_states(keys=missing, args=[])
         for key, (version, state) in zip(missing, rows, strict=True):
             self._remember(key, int(version or 0), state)
 

@@ -133,3 +133,13 @@ async def test_consume_marks_only_pending_commands(settings, redis) -> None:
     assert await scripts.consume(keys=[a, b], args=[]) == 1
     assert await redis.hget(a, "status") == b"consumed"
     assert await redis.hget(b, "status") == b"processed"
+
+
+async def test_load_reads_many_aggregates_at_once(settings, redis) -> None:
+    keys, scripts, _ = setup(settings, redis)
+    present, missing = keys.aggregate(SHARD, "t", "a"), keys.aggregate(SHARD, "t", "b")
+    await redis.hset(present, mapping={"version": 3, "state": b"{}"})
+    assert await scripts.load_states(keys=[present, missing], args=[]) == [
+        [b"3", b"{}"],
+        [None, None],
+    ]
