@@ -19,7 +19,14 @@ from app.contexts.chat_sessions import (
 from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Projection, Query, QueryArgs, encode_cursor
+from projections.projection import (
+    Answer,
+    Projection,
+    Query,
+    QueryArgs,
+    Statements,
+    encode_cursor,
+)
 
 COLUMNS = (
     "session_id, agent_id, status, participants, metadata, routing, close_reason,"
@@ -27,16 +34,22 @@ COLUMNS = (
 )
 
 
+CREATE = (
+    "INSERT INTO chat_sessions (tenant_id, session_id, agent_id, status,"
+    " participants, metadata, routing, created_at, updated_at, version)"
+    " VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $7, $8)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
 async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+    statements = Statements()
     for env in envelopes:
         event = EVENTS[env.type].decoder.decode(env.payload)
         match event:
             case ChatSessionCreated():
-                await conn.execute(
-                    "INSERT INTO chat_sessions (tenant_id, session_id, agent_id, status,"
-                    " participants, metadata, routing, created_at, updated_at, version)"
-                    " VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $7, $8)"
-                    " ON CONFLICT DO NOTHING",
+                statements.add(
+                    CREATE,
                     env.tenant_id,
                     event.session_id,
                     event.agent_id,
@@ -47,17 +60,18 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
                     env.aggregate_version,
                 )
             case ChatSessionParticipantsUpdated():
-                await _update(conn, env, "participants = $4", event.participants)
+                _update(statements, env, "participants = $4", event.participants)
             case ChatSessionClosed():
-                await _update(conn, env, "status = 'closed', close_reason = $4", event.reason)
+                _update(statements, env, "status = 'closed', close_reason = $4", event.reason)
             case ChatSessionArchived():
-                await _update(conn, env, "status = 'archived'")
+                _update(statements, env, "status = 'archived'")
+    await statements.execute(conn)
 
 
-async def _update(conn: Connection, env: Envelope, assignments: str, *values: Any) -> None:
+def _update(statements: Statements, env: Envelope, assignments: str, *values: Any) -> None:
     """Update a session's row with `assignments` (values from `$4` on) if `env` is newer."""
     version = f"${4 + len(values)}"
-    await conn.execute(
+    statements.add(
         f"UPDATE chat_sessions SET {assignments}, updated_at = $3, version = {version}"
         f" WHERE tenant_id = $1 AND session_id = $2 AND version < {version}",
         env.tenant_id,

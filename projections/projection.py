@@ -58,6 +58,27 @@ def decode_cursor(raw: str) -> list[Any]:
     return values
 
 
+class Statements:
+    """SQL statements of one batch, run in order; runs of the same statement go
+    to Postgres as one `executemany` (one round trip instead of one each)."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[str, list[tuple[Any, ...]]]] = []
+
+    def add(self, sql: str, *args: Any) -> None:
+        if self._runs and self._runs[-1][0] == sql:
+            self._runs[-1][1].append(args)
+        else:
+            self._runs.append((sql, [args]))
+
+    async def execute(self, conn: Connection) -> None:
+        for sql, rows in self._runs:
+            if len(rows) == 1:
+                await conn.execute(sql, *rows[0])
+            else:
+                await conn.executemany(sql, rows)
+
+
 Answer = dict[str, Any] | None
 """A query's answer; None means 404."""
 
