@@ -320,7 +320,12 @@ class Bench:
         done = await self.measure(f"{phase}-catch-up", procs, asyncio.gather(*watches))
         last = done[-1]
         through = burst.ok / (last.done_at - burst.started)
+        catch_up = f"{phase}-catch-up"
         self.phases[phase] |= {
+            "cpu_us_per_command": {
+                name: self.cpu_us(phase, name, burst.ok) + self.cpu_us(catch_up, name, burst.ok)
+                for name in [p.name for p in procs] + ["redis", "postgres"]
+            },
             "behind_when_load_stopped": {
                 name: before[name] + burst.ok - at_end[name] for name in stages
             },
@@ -575,6 +580,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
     alone, live = phases["eddy-http-alone"], phases["eddy-http-live"]
     worker, projector = phases["eddy-worker-drain"], phases["eddy-projector-drain"]
     sse = phases["eddy-sse-latency"]
+    live_cpu, a_live_cpu = live["cpu_us_per_command"], a_live["cpu_us_per_command"]
     xadd_http = "Starlette + 1 XADD per request"
     relay = "relay: XREADGROUP→XADD→XACK"
     at = f"at {rate:g}/s"
@@ -608,12 +614,18 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
                "XADD reply"),
         figure(f"POST → 202 p99 {at}", "ms", sse["reply_p99_ms"], hops["reply_p99_ms"],
                "XADD reply"),
-        figure("web CPU per accepted command", "µs", alone["server_cpu_us_per_op"],
+        figure("web CPU per accepted command, alone", "µs", alone["server_cpu_us_per_op"],
                a_alone["server_cpu_us_per_op"], "Starlette + XADD, per request"),
-        figure("worker CPU per command", "µs", worker["cpu_us_per_op"], b["cpu_us_per_op"],
-               "relay, per entry"),
-        figure("projector CPU per event (Postgres not incl.)", "µs",
-               projector["cpu_us_per_op"], b["cpu_us_per_op"], "relay, per entry"),
+        figure("worker CPU per command, backlog", "µs", worker["cpu_us_per_op"],
+               b["cpu_us_per_op"], "relay, per entry"),
+        figure("projector CPU per event, backlog", "µs", projector["cpu_us_per_op"],
+               b["cpu_us_per_op"], "relay, per entry"),
+        figure("web CPU per accepted command, live", "µs", live_cpu["web"],
+               a_live_cpu["baseline-web"], "Starlette + XADD, relay running"),
+        figure("worker CPU per command, live", "µs", live_cpu["worker"],
+               a_live_cpu["relay"], "relay, per entry, live"),
+        figure("projector CPU per event, live", "µs", live_cpu["projector"],
+               a_live_cpu["relay"], "relay, per entry, live"),
     ]  # fmt: skip
 
 
