@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import anyio
@@ -96,35 +96,42 @@ async def _retrying(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
             await backoff.sleep()
 
 
-async def _redis(settings: Settings) -> tuple[Redis, Scripts]:
+@contextlib.asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Scripts]]:
+    """A Redis client with the scripts loaded (waiting for Redis), closed on exit."""
     redis = connect(settings.redis_url)
-    scripts = Scripts(redis)
-    await _retrying("redis", scripts.load)
-    await check_layout(redis, Keys(settings.key_prefix, settings.shards))
-    return redis, scripts
-
-
-async def run_worker(settings: Settings) -> None:
-    redis, scripts = await _redis(settings)
     try:
-        await work(redis, scripts, Keys(settings.key_prefix, settings.shards), settings, CONTEXTS)
+        scripts = Scripts(redis)
+        await _retrying("redis", scripts.load)
+        await check_layout(redis, Keys(settings.key_prefix, settings.shards))
+        yield redis, scripts
     finally:
         with anyio.CancelScope(shield=True):
             await redis.aclose()
 
 
-async def run_projector(settings: Settings) -> None:
-    redis, scripts = await _redis(settings)
+@contextlib.asynccontextmanager
+async def _postgres(settings: Settings) -> AsyncIterator[db.Pool]:
+    """A Postgres pool (waiting for Postgres), closed on exit."""
     pool = await _retrying(
         "postgres", lambda: db.create_pool(settings.database_url, settings.db_schema)
     )
     try:
-        keys = Keys(settings.key_prefix, settings.shards)
-        await project(redis, scripts, keys, settings, pool, PROJECTIONS)
+        yield pool
     finally:
         with anyio.CancelScope(shield=True):
             await pool.close()
-            await redis.aclose()
+
+
+async def run_worker(settings: Settings) -> None:
+    async with _redis(settings) as (redis, scripts):
+        await work(redis, scripts, Keys(settings.key_prefix, settings.shards), settings, CONTEXTS)
+
+
+async def run_projector(settings: Settings) -> None:
+    async with _redis(settings) as (redis, scripts), _postgres(settings) as pool:
+        keys = Keys(settings.key_prefix, settings.shards)
+        await project(redis, scripts, keys, settings, pool, PROJECTIONS)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
