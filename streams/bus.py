@@ -2,9 +2,10 @@
 
 Submission is two steps: a locator (`command id → shard and type`, in its own
 slot, written first with SET NX) and one Lua step in the shard's slot that
-records the status and XADDs the command (each step one pipeline per batch). A retry with the same id finds both and
-appends nothing. If Redis fails anywhere, the caller gets `Unavailable` (503) and
-retries with the same id: a locator without a status is a command never accepted.
+records the status and XADDs the command (each step one pipeline per batch). A
+retry with the same id finds both and appends nothing. If Redis fails anywhere,
+the caller gets `Unavailable` (503) and retries with the same id: a locator
+without a status is a command never accepted.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class CommandBus:
     While `run()` is running (the web process runs it), concurrent submissions are
     coalesced: whatever arrived during the previous batch's round trips goes to
     Redis as the next batch, in two pipelines. LIMITS.md measured one XADD per
-    request at 0.35× a bare endpoint and coalesced XADDs at 0.64×. Without `run()`,
+    request at 0.35x a bare endpoint and coalesced XADDs at 0.64x. Without `run()`,
     each submission is a batch of one.
     """
 

@@ -41,7 +41,6 @@ class Scripts:
 
     def __init__(self, client: Redis) -> None:
         self.submit: AsyncScript = client.register_script(_source("submit"))
-        self.consume: AsyncScript = client.register_script(_source("consume"))
         self.load_states: AsyncScript = client.register_script(_source("load"))
         self.apply: AsyncScript = client.register_script(_source("apply"))
         self.lease_extend: AsyncScript = client.register_script(_source("lease_extend"))
@@ -52,7 +51,6 @@ class Scripts:
         """Load every script now, so the first command does not pay for it."""
         for script in (
             self.submit,
-            self.consume,
             self.apply,
             self.lease_extend,
             self.lease_release,

@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -50,8 +50,13 @@ MAX_ROUNDS = 8
 _encoder = msgspec.json.Encoder()
 
 
-class _Decision(msgspec.Struct):
+class _Command(NamedTuple):
+    entry_id: bytes
     record: CommandRecord
+
+
+class _Decision(msgspec.Struct):
+    command: _Command
     status_key: str
     aggregate_key: str
     expected: int
@@ -90,55 +95,68 @@ class ShardWorker:
         )
 
     async def handle(self, entries: list[Entry]) -> list[bytes]:
-        records: list[CommandRecord] = []
+        """Apply a batch; return the entries to acknowledge besides those `apply.lua` did."""
+        commands: list[_Command] = []
+        undecodable: list[bytes] = []
         for entry_id, fields in entries:
             try:
-                records.append(record_decoder.decode(fields[b"c"]))
+                commands.append(_Command(entry_id, record_decoder.decode(fields[b"c"])))
             except (KeyError, msgspec.DecodeError):
                 log.error("command-undecodable stream=%s entry=%s", self.shard.name, entry_id)
-        status_keys = [self._status_key(r) for r in records]
-        if status_keys:
-            await self.scripts.consume(keys=status_keys, args=[])
-        pending = records
+                undecodable.append(entry_id)
+        pending = commands
+        marked = False
         for _ in range(MAX_ROUNDS):
             if not pending:
-                return [entry_id for entry_id, _ in entries]
+                return undecodable
+            await self._load(pending, mark_consumed=not marked)
+            marked = True
             pending = await self._apply_round(pending)
         raise RuntimeError(f"commands kept conflicting on shard {self.shard.name}")
 
     def _status_key(self, record: CommandRecord) -> str:
         return self.keys.command_status(self.shard, record.tenant_id, record.id)
 
-    async def _apply_round(self, records: Sequence[CommandRecord]) -> list[CommandRecord]:
-        """Decide and apply `records` in order; return those to decide again."""
-        await self._load(
-            [self.keys.aggregate(self.shard, r.tenant_id, r.aggregate_id) for r in records]
-        )
-        decisions = [self._decide(record) for record in records]
+    def _aggregate_key(self, record: CommandRecord) -> str:
+        return self.keys.aggregate(self.shard, record.tenant_id, record.aggregate_id)
+
+    async def _apply_round(self, commands: Sequence[_Command]) -> list[_Command]:
+        """Decide and apply `commands` in order; return those to decide again."""
+        decisions = [self._decide(command) for command in commands]
         assert self.lease is not None
-        args: list[Any] = [self.lease.owner, self.settings.command_ttl_s]
-        keys: list[str] = [self.keys.event_stream(self.shard), self.lease.key]
+        args: list[Any] = [self.lease.owner, self.settings.command_ttl_s, COMMAND_GROUP]
+        keys = [
+            self.keys.event_stream(self.shard),
+            self.lease.key,
+            self.keys.command_stream(self.shard),
+        ]
         for d in decisions:
             keys += [d.aggregate_key, d.status_key]
-            args += [d.outcome, d.expected, d.state, d.error, ",".join(d.event_ids)]
-            args += [len(d.envelopes), *d.envelopes]
+            args += [d.command.entry_id, d.outcome, d.expected, d.state, d.error]
+            args += [",".join(d.event_ids), len(d.envelopes), *d.envelopes]
         replies = await self.scripts.apply(keys=keys, args=args)
         if replies == b"fenced":
             raise LeaseLost(self.shard.name)
-        again: list[CommandRecord] = []
+        again: list[_Command] = []
         for decision, reply in zip(decisions, replies, strict=True):
             if reply[0] == b"conflict":
                 self.states.pop(decision.aggregate_key, None)
-                again.append(decision.record)
+                again.append(decision.command)
             elif reply[0] == b"duplicate":
                 self.states.pop(decision.aggregate_key, None)
         return again
 
-    async def _load(self, aggregate_keys: list[str]) -> None:
-        missing = list(dict.fromkeys(k for k in aggregate_keys if k not in self.states))
-        if not missing:
+    async def _load(self, commands: Sequence[_Command], *, mark_consumed: bool) -> None:
+        """Mark the batch `consumed` (once) and load the states the cache lacks."""
+        missing = list(
+            dict.fromkeys(
+                key for c in commands if (key := self._aggregate_key(c.record)) not in self.states
+            )
+        )
+        statuses = [self._status_key(c.record) for c in commands] if mark_consumed else []
+        if not (missing or statuses):
             return
-        rows = await self.scripts.load_states(keys=missing, args=[])
+        rows = await self.scripts.load_states(keys=[*statuses, *missing], args=[len(statuses)])
         for key, (version, state) in zip(missing, rows, strict=True):
             self._remember(key, int(version or 0), state)
 
@@ -148,11 +166,12 @@ class ShardWorker:
         while len(self.states) > CACHE_SIZE:
             self.states.popitem(last=False)
 
-    def _decide(self, record: CommandRecord) -> _Decision:
-        aggregate_key = self.keys.aggregate(self.shard, record.tenant_id, record.aggregate_id)
+    def _decide(self, command: _Command) -> _Decision:
+        record = command.record
+        aggregate_key = self._aggregate_key(record)
         version, raw_state = self.states[aggregate_key]
         decision = _Decision(
-            record=record,
+            command=command,
             status_key=self._status_key(record),
             aggregate_key=aggregate_key,
             expected=version,
