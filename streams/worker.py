@@ -1,14 +1,16 @@
 """The command worker: decide each command on its aggregate and apply the outcome
-in one atomic Lua step per batch, then XACK.
+in one atomic Lua step per batch, which also acknowledges it.
 
 ```
-XREADGROUP batch ─▶ mark `consumed` ─▶ load states not cached ─▶ decide in order
-      ─▶ apply.lua (fenced by the lease; per command: dedup · version · state · XADD · status)
-      ─▶ conflicts? drop their cached state, decide them again ─▶ XACK
+XREADGROUP batch ─▶ load.lua: mark `consumed`, read the states not cached
+      ─▶ decide in order (pure context code)
+      ─▶ apply.lua (fenced by the lease; per command: dedup · version · state · XADD ·
+         status · XACK) ─▶ conflicts? drop their cached state, decide them again
 ```
 
 The owner of a shard keeps the states of recently used aggregates in memory, so
-a batch usually costs three round trips whatever its size. The cache is only a
+a batch costs three round trips whatever its size. The XACK is part of the apply
+step: no crash can leave an applied command unacknowledged. The cache is only a
 guess: `apply.lua` checks every version, and a stale guess is decided again.
 """
 
