@@ -6,8 +6,10 @@ Two real `eddy worker` and two real `eddy projector` processes run while the tes
 submits 3000 commands (300 sessions of create, 8 adds, close; randomly interleaved,
 each session's in order, so a reordered or repeated command fails visibly). One
 killer per kind SIGKILLs a random process of its kind three times, each aimed at
-an instant (`AIMS`): after it applied or committed a batch but before the XACK,
-after it read a batch but before applying it, and anywhere. Aiming freezes the
+an instant (`AIMS`): after it committed a batch but before the XACK (a
+projector; a worker's apply step acknowledges atomically, so no such instant
+exists and the aim falls back to a kill after `AIM_S`), after it read a batch but
+before applying it, and anywhere. Aiming freezes the
 victim (SIGSTOP) whenever it holds unacked entries, looks, and kills it frozen if
 the instant fits — otherwise the dangerous windows are too short to hit by chance.
 The killer then measures how long live processes take to own the victim's shards
