@@ -17,9 +17,10 @@ from app.messages import envelope_encoder
 from app.settings import Settings
 from streams import fanout as fanout_module
 from streams.connection import Redis, connect
-from streams.fanout import Delivery, Lagging, Reset, Topics, Vector
+from streams.fanout import Delivery, Lagging, Reset
 from streams.keys import Keys, Shard
-from streams.positions import encode_cursor
+from streams.positions import Vector, encode_cursor
+from streams.topics import Topics
 from tests.feeds import (
     CONTEXTS,
     WAIT_S,
