@@ -34,8 +34,8 @@ class Metrics:
         )
         self.requests = Histogram(
             "eddy_http_request_seconds",
-            "HTTP request latency by route and status.",
-            ["route", "status"],
+            "HTTP request latency by endpoint and status.",
+            ["endpoint", "status"],
             registry=self.registry,
         )
 

@@ -93,7 +93,7 @@ async def openapi_json(request: Request) -> Response:
 
 
 class Timing:
-    """Records every HTTP request's latency by route template and status."""
+    """Records every HTTP request's latency by endpoint and status."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -115,8 +115,8 @@ class Timing:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", "unmatched")
+            # the router puts the matched endpoint in the scope: its name is the label
+            name = getattr(scope.get("endpoint"), "__name__", "unmatched")
             self.metrics.requests.labels(name, str(status)).observe(time.perf_counter() - started)
 
 

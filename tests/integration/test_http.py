@@ -224,4 +224,6 @@ async def test_operations_routes(stack) -> None:
     spec = (await c.get("/openapi.json")).json()
     assert "/v1/commands/CreateChatSession" in spec["paths"]
     assert "/v1/chat-sessions/{session_id}/transcript" in spec["paths"]
-    assert "eddy_http_request_seconds" in (await c.get("/metrics")).text
+    metrics = (await c.get("/metrics")).text
+    assert 'eddy_http_request_seconds_count{endpoint="healthz",status="200"}' in metrics
+    assert 'eddy_http_request_seconds_count{endpoint="readyz",status="200"} 1.0' in metrics
