@@ -159,25 +159,25 @@ class CommandBus:
                 accepted.append(pending)
         if not accepted:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for pending in accepted:
-                record, shard = pending.record, pending.shard
-                await self.scripts.submit(
-                    keys=[
-                        self.keys.command_status(shard, record.tenant_id, record.id),
-                        self.keys.command_stream(shard),
+        replies = await self.scripts.pipelined(
+            [
+                (
+                    self.scripts.submit,
+                    [
+                        self.keys.command_status(p.shard, p.record.tenant_id, p.record.id),
+                        self.keys.command_stream(p.shard),
                     ],
-                    args=[
-                        record.type,
-                        record.aggregate_id,
-                        _encoder.encode(record),
+                    [
+                        p.record.type,
+                        p.record.aggregate_id,
+                        _encoder.encode(p.record),
                         self.status_ttl_s,
-                        record.accepted_at.isoformat(),
+                        p.record.accepted_at.isoformat(),
                     ],
-                    # a pipeline works (it loads the script first); the stub says otherwise
-                    client=pipe,  # type: ignore[arg-type]
                 )
-            replies = await pipe.execute(raise_on_error=False)
+                for p in accepted
+            ]
+        )
         for pending, reply in zip(accepted, replies, strict=True):
             if isinstance(reply, Exception):
                 pending.outcome = Unavailable(f"Redis refused the command: {reply}; retry")

@@ -2,6 +2,11 @@
 
 `redis+cluster://host:port` (or `rediss+cluster://`) selects Redis Cluster; the same
 code runs on both because every multi-key step stays inside one shard's slot.
+The one difference is a batch of script calls in one pipeline (`Scripts.pipelined`):
+redis-py's cluster pipeline refuses `EVALSHA` by name and cannot load scripts
+first, so there the calls are sent as raw `EVALSHA` commands (routed by their
+first key) and a node that answers NOSCRIPT (restarted, failed over) gets every
+script again and the calls it refused once more, in their order.
 
 Blocking reads use `BLOCK_MS`, well under the socket timeout: redis-py times out
 a `BLOCK` of 5 s or more at its default timeout instead of returning empty.
@@ -9,17 +14,21 @@ a `BLOCK` of 5 s or more at its default timeout instead of returning empty.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 BLOCK_MS = 1000
 SOCKET_TIMEOUT_S = 10.0
 
 Redis = aioredis.Redis | RedisCluster
+ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
+"""A script, its keys and its args."""
 
 
 def connect(url: str, **options: Any) -> Redis:
@@ -56,3 +65,27 @@ class Scripts:
             self.lease_release,
         ):
             script.sha = await self._client.script_load(script.script)
+
+    async def pipelined(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run script calls in one pipeline (no transaction), in order; return each
+        call's reply, or the exception it raised."""
+        if not isinstance(self._client, RedisCluster):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)  # the pipeline loads it first
+                return list(await pipe.execute(raise_on_error=False))
+        replies = await self._cluster_evalsha(calls)
+        refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if refused:
+            await self.load()
+            again = await self._cluster_evalsha([calls[i] for i in refused])
+            for i, reply in zip(refused, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _cluster_evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        assert isinstance(self._client, RedisCluster)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))

