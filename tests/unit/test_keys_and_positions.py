@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from redis.crc import key_slot
 
@@ -54,6 +56,34 @@ def test_event_positions_round_trip_and_reject_foreign_tokens() -> None:
 def test_cursors_round_trip() -> None:
     cursor = {Shard("chat_sessions", 0): (5, 1), Shard("chat_sessions", 1): (0, 0)}
     assert decode_cursor(encode_cursor(cursor), BY_NAME, 4) == cursor
-    with pytest.raises(BadPosition):
-        decode_cursor("!!!", BY_NAME, 4)
+    sparse = {Shard("chat_sessions", 3): (1795618196695, 36)}
+    assert decode_cursor(encode_cursor(sparse), BY_NAME, 4) == sparse
     assert parse_entry_id("12-3") < parse_entry_id("12-10") < parse_entry_id("13-0")
+
+
+def test_feed_tokens_are_compact_and_need_no_escaping() -> None:
+    cursor = {Shard("chat_sessions", n): (1795618196695 + n, n) for n in range(4)}
+    token = encode_cursor(cursor)
+    assert token == "2~chat_sessions.mww8pntj.mww8pntk_1.mww8pntl_2.mww8pntm_3"
+    unreserved = set(string.ascii_letters + string.digits + "-._~")
+    assert set(token) <= unreserved
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "!!!",
+        "2",
+        "1~chat_sessions.1",  # another format version
+        "Y2hhdF9zZXNzaW9ucy4wLjEtMA",  # base64, as tokens never were
+        "2~nope.1",
+        "2~chat_sessions.1.1.1.1.1",  # more shards than there are
+        "2~chat_sessions.1-0",
+        "2~chat_sessions.-1",
+        "2~chat_sessions...",
+    ],
+)
+def test_foreign_feed_tokens_are_refused(token: str) -> None:
+    with pytest.raises(BadPosition):
+        decode_cursor(token, BY_NAME, 4)
