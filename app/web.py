@@ -18,6 +18,7 @@ import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -44,6 +45,18 @@ async def eddy_error(request: Request, exc: Exception) -> Response:
     error = {"code": exc.code, "message": exc.message, **exc.details}
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return json_response({"error": error}, exc.status, headers)
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, wrong method) in Eddy's error shape."""
+    assert isinstance(exc, HTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return json_response(
+        {"error": {"code": code, "message": exc.detail}}, exc.status_code, dict(exc.headers or {})
+    )
 
 
 async def unavailable(request: Request, exc: Exception) -> Response:
@@ -173,6 +186,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             EddyError: eddy_error,
+            HTTPException: http_error,
             RedisError: unavailable,
             OSError: unavailable,
             asyncpg.PostgresConnectionError: unavailable,

@@ -170,6 +170,14 @@ async def test_tokens_and_roles(stack) -> None:
     assert (await c.get("/v1/chat-sessions", headers=observer)).status_code == 200
 
 
+async def test_unknown_routes_and_methods_answer_in_the_error_shape(stack) -> None:
+    r = await stack.client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = await stack.client.delete("/v1/commands/CreateChatSession", headers=stack.auth())
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in r.headers["allow"] or "POST" in r.headers["allow"]
+
+
 async def test_unknown_ids_are_404(stack) -> None:
     auth = stack.auth()
     assert (await stack.client.get("/v1/chat-sessions/nope", headers=auth)).status_code == 404
