@@ -22,6 +22,7 @@ from app.services import Services, json_response
 from streams.bus import FINAL, CommandStatus
 
 MAX_ID_LENGTH = 128
+MAX_DEPTH = 32
 _ERROR_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD_NAME = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
 _encoder = msgspec.json.Encoder()
@@ -45,7 +46,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_command(command_type: CommandType, body: bytes) -> Any:
     """Decode and validate a payload: `Malformed` (400) or `Invalid` (422, with the field path)."""
     try:
-        return command_type.decoder.decode(body)
+        command = command_type.decoder.decode(body)
     except msgspec.ValidationError as exc:
         match = _ERROR_PATH.match(str(exc))
         assert match is not None
@@ -60,6 +61,29 @@ def parse_command(command_type: CommandType, body: bytes) -> Any:
         ) from None
     except msgspec.DecodeError as exc:
         raise Malformed(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise Malformed(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    check_depth(command)
+    return command
+
+
+def check_depth(command: Any) -> None:
+    """Refuse free-form values (`metadata`, `attributes`, …) nested deeper than
+    `MAX_DEPTH`: every later step (the worker, Postgres jsonb, clients) must be able
+    to handle what was accepted, and a command accepted is never lost."""
+    for name in command.__struct_fields__:
+        stack = [(getattr(command, name), 1)]
+        while stack:
+            value, depth = stack.pop()
+            if isinstance(value, dict | list) and depth > MAX_DEPTH:
+                raise Invalid(
+                    f"{name} is nested deeper than {MAX_DEPTH} levels",
+                    fields=[{"path": f"$.{name}", "message": f"nested deeper than {MAX_DEPTH}"}],
+                )
+            if isinstance(value, dict):
+                stack += [(v, depth + 1) for v in value.values()]
+            elif isinstance(value, list):
+                stack += [(v, depth + 1) for v in value]
 
 
 def header_id(request: Request, name: str) -> str | None:

@@ -150,6 +150,31 @@ async def test_schema_errors_name_the_field(stack) -> None:
     assert field["path"] == "$.participants[0].role"
 
 
+async def test_deeply_nested_json_is_refused_and_harms_nothing(stack) -> None:
+    c, auth = stack.client, stack.auth()
+    deep = b'{"agent_id": "a", "participants": [], "metadata": {"x": ' + b"[" * 5000
+    r = await c.post(
+        "/v1/commands/CreateChatSession", content=deep + b"]" * 5000 + b"}}", headers=auth
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed"
+    nested = b'{"agent_id": "a", "participants": [], "metadata": {"x": ' + b"[" * 40
+    r = await c.post(
+        "/v1/commands/CreateChatSession", content=nested + b"]" * 40 + b"}}", headers=auth
+    )
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "$.metadata"
+    ok = b'{"agent_id": "a", "participants": [], "metadata": {"x": ' + b"[" * 30
+    r = await c.post(
+        "/v1/commands/CreateChatSession?wait=5", content=ok + b"]" * 30 + b"}}", headers=auth
+    )
+    assert r.status_code == 200, r.text
+    r = await c.get(
+        f"/v1/chat-sessions/{r.json()['session_id']}",
+        params={"after": r.json()["position"]},
+        headers=auth,
+    )
+    assert r.status_code == 200
+
+
 async def test_oversize_body_is_413(stack) -> None:
     big = b'{"agent_id": "' + b"a" * (stack.settings.max_body_bytes + 1) + b'"}'
     r = await stack.client.post("/v1/commands/CreateChatSession", content=big, headers=stack.auth())
