@@ -63,27 +63,36 @@ def parse_command(command_type: CommandType, body: bytes) -> Any:
         raise Malformed(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise Malformed(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    check_depth(command)
+    check_values(command)
     return command
 
 
-def check_depth(command: Any) -> None:
-    """Refuse free-form values (`metadata`, `attributes`, …) nested deeper than
-    `MAX_DEPTH`: every later step (the worker, Postgres jsonb, clients) must be able
-    to handle what was accepted, and a command accepted is never lost."""
+def check_values(command: Any) -> None:
+    """What the schema cannot say, checked before anything is accepted, because
+    every later step (the worker, Postgres, clients) must handle what was accepted:
+    free-form values (`metadata`, `attributes`, …) nest at most `MAX_DEPTH` levels,
+    and no string holds a NUL character (Postgres text and jsonb refuse it)."""
     for name in command.__struct_fields__:
         stack = [(getattr(command, name), 1)]
         while stack:
             value, depth = stack.pop()
-            if isinstance(value, dict | list) and depth > MAX_DEPTH:
-                raise Invalid(
-                    f"{name} is nested deeper than {MAX_DEPTH} levels",
-                    fields=[{"path": f"$.{name}", "message": f"nested deeper than {MAX_DEPTH}"}],
-                )
-            if isinstance(value, dict):
-                stack += [(v, depth + 1) for v in value.values()]
-            elif isinstance(value, list):
-                stack += [(v, depth + 1) for v in value]
+            if isinstance(value, str):
+                if "\x00" in value:
+                    _refuse(name, "a string holds a NUL character (\\u0000)")
+            elif isinstance(value, dict | list | msgspec.Struct):
+                if depth > MAX_DEPTH:
+                    _refuse(name, f"nested deeper than {MAX_DEPTH} levels")
+                if isinstance(value, dict):
+                    stack += [(k, depth) for k in value]
+                    stack += [(v, depth + 1) for v in value.values()]
+                elif isinstance(value, list):
+                    stack += [(v, depth + 1) for v in value]
+                else:
+                    stack += [(getattr(value, f), depth + 1) for f in value.__struct_fields__]
+
+
+def _refuse(name: str, message: str) -> None:
+    raise Invalid(f"{name}: {message}", fields=[{"path": f"$.{name}", "message": message}])
 
 
 def header_id(request: Request, name: str) -> str | None:

@@ -175,6 +175,21 @@ async def test_deeply_nested_json_is_refused_and_harms_nothing(stack) -> None:
     assert r.status_code == 200
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"agent_id": "a\u0000b", "participants": []},
+        {"agent_id": "a", "participants": [{"participant_id": "p\u0000", "role": "user"}]},
+        {"agent_id": "a", "participants": [], "metadata": {"k\u0000": 1}},
+        {"agent_id": "a", "participants": [], "routing": {"k": ["\u0000"]}},
+    ],
+)
+async def test_nul_characters_are_refused_before_anything_is_accepted(stack, body) -> None:
+    r = await stack.client.post("/v1/commands/CreateChatSession", json=body, headers=stack.auth())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid"
+
+
 async def test_oversize_body_is_413(stack) -> None:
     big = b'{"agent_id": "' + b"a" * (stack.settings.max_body_bytes + 1) + b'"}'
     r = await stack.client.post("/v1/commands/CreateChatSession", content=big, headers=stack.auth())
