@@ -193,23 +193,25 @@ class ShardWorker:
                 now=utcnow(),
             )
             events = list(context.decide(state, command, issued))
+            for n, event in enumerate(events, start=version + 1):
+                state = context.evolve(state, event)
+                envelope = _envelope(context, record, issued, event, n, state)
+                decision.event_ids.append(envelope.id)
+                decision.envelopes.append(_encoder.encode(envelope))
+            new_state = _encoder.encode(state) if events else b""
         except Rejected as exc:
             decision.error = _encoder.encode({"code": exc.code, "message": exc.message})
             decision.outcome = "failed"
             return decision
         except Exception as exc:
+            # A bug in the context's code: this command fails, the shard goes on.
             log.exception("command-handler-crashed type=%s id=%s", record.type, record.id)
+            decision.event_ids.clear()
+            decision.envelopes.clear()
             return _fail(decision, "internal_error", f"{type(exc).__name__}: {exc}")
-        for event in events:
-            state = context.evolve(state, event)
-            envelope = _envelope(
-                context, record, issued, event, version + len(decision.event_ids) + 1, state
-            )
-            decision.event_ids.append(envelope.id)
-            decision.envelopes.append(_encoder.encode(envelope))
         if events:
-            decision.state = _encoder.encode(state)
-            self._remember(aggregate_key, version + len(events), decision.state)
+            decision.state = new_state
+            self._remember(aggregate_key, version + len(events), new_state)
         return decision
 
 

@@ -53,3 +53,36 @@ async def test_rejected_command_fails_with_its_rule(settings, redis, pool) -> No
         status = await p.outcome("close-x")
         assert status.status == "failed"
         assert status.error == {"code": "not_found", "message": "no chat session missing"}
+
+
+async def test_a_crashing_handler_fails_its_command_and_the_shard_goes_on(
+    settings, redis, monkeypatch
+) -> None:
+    import dataclasses
+
+    from app.contexts import COMMANDS, CommandType
+    from app.contexts.chat_sessions import CONTEXT
+
+    def broken(state, event):
+        raise ZeroDivisionError("a bug")
+
+    close = COMMANDS["CloseChatSession"]
+    crashing = dataclasses.replace(CONTEXT, evolve=broken)
+    monkeypatch.setitem(
+        COMMANDS, "CloseChatSession", CommandType(close.name, crashing, close.cls, close.decoder)
+    )
+    async with running(settings, projector=False) as p:
+        created = await p.submit(
+            "CreateChatSession", {"agent_id": "a", "participants": []}, command_id="c1"
+        )
+        await p.submit("CloseChatSession", {"session_id": created.aggregate_id}, command_id="c2")
+        await p.submit(
+            "UpdateChatSessionParticipants",
+            {"session_id": created.aggregate_id, "add": [{"participant_id": "x", "role": "user"}]},
+            command_id="c3",
+        )
+        crashed = await p.outcome("c2")
+        assert crashed.status == "failed"
+        assert crashed.error == {"code": "internal_error", "message": "ZeroDivisionError: a bug"}
+        after = await p.outcome("c3")
+        assert after.status == "processed" and after.events and len(after.events) == 1
