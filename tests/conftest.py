@@ -57,8 +57,18 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(redis_url: str, database_url: str) -> Settings:
-    return fresh_settings(redis_url, database_url)
+async def settings(redis_url: str, database_url: str) -> AsyncIterator[Settings]:
+    """The test's settings; afterwards every key under its prefix is deleted, whatever
+    wrote them (the test, or the processes and servers it started)."""
+    settings = fresh_settings(redis_url, database_url)
+    try:
+        yield settings
+    finally:
+        client = connect(redis_url)
+        try:
+            await services.delete_prefix(client, settings.key_prefix)
+        finally:
+            await client.aclose()
 
 
 def fresh_settings(redis_url: str, database_url: str) -> Settings:
@@ -82,7 +92,6 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     try:
         yield client
     finally:
-        await services.delete_prefix(client, settings.key_prefix)
         await client.aclose()
 
 
