@@ -10,6 +10,7 @@ without a status is a command never accepted.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any
 
@@ -23,6 +24,8 @@ from app.messages import CommandRecord, Envelope, envelope_decoder
 from streams.connection import Redis, Scripts
 from streams.keys import Keys, Shard
 from streams.positions import event_position
+
+log = logging.getLogger("eddy.bus")
 
 FINAL = ("processed", "failed")
 
@@ -87,6 +90,8 @@ class CommandBus:
         self.keys = keys
         self.status_ttl_s = status_ttl_s
         self.batch_limit = batch_limit
+        self._layout_checked = False
+        """Whether the shard count was checked against the data's (before the first write)."""
         self._queue: deque[_Pending] = deque()
         self._arrived = anyio.Event()
         self._running = False
@@ -130,10 +135,17 @@ class CommandBus:
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
             with anyio.CancelScope(shield=True):  # waiters depend on this batch's outcome
+                if not self._layout_checked:
+                    await check_layout(self.redis, self.keys)
+                    self._layout_checked = True
                 await self._submit(batch)
         except (RedisError, OSError) as exc:
             for pending in batch:
                 pending.outcome = Unavailable(f"Redis unavailable: {exc}; retry with the same key")
+        except ConfigurationError as exc:
+            log.critical("shard-layout-mismatch error=%s", exc.message)
+            for pending in batch:
+                pending.outcome = Unavailable(f"this process is misconfigured: {exc.message}")
         finally:
             for pending in batch:
                 pending.done.set()

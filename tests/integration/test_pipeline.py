@@ -86,3 +86,19 @@ async def test_a_crashing_handler_fails_its_command_and_the_shard_goes_on(
         assert crashed.error == {"code": "internal_error", "message": "ZeroDivisionError: a bug"}
         after = await p.outcome("c3")
         assert after.status == "processed" and after.events and len(after.events) == 1
+
+
+async def test_a_process_with_another_shard_count_accepts_nothing(settings, redis) -> None:
+    import msgspec
+    import pytest
+
+    from app.errors import Unavailable
+    from streams.bus import check_layout
+    from tests.pipeline import Pipeline
+
+    await check_layout(redis, Pipeline(settings, redis).keys)  # the data uses 2 shards
+    wrong = Pipeline(msgspec.structs.replace(settings, shards=3), redis)
+    with pytest.raises(Unavailable, match="misconfigured: EDDY_SHARDS is 3"):
+        await wrong.submit("CreateChatSession", {"agent_id": "a", "participants": []})
+    shards = wrong.keys.shards_of("chat_sessions")
+    assert not any([await redis.exists(wrong.keys.command_stream(s)) for s in shards])
