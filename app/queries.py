@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,6 +19,7 @@ from app.errors import NotFound, Stale
 from app.services import Services, json_response
 from projections import db
 from projections.projection import Projection, Query, QueryArgs
+from streams.consumer import poll
 from streams.positions import parse_event_position
 
 
@@ -28,13 +28,15 @@ async def wait_for(services: Services, projection: Projection, position: str) ->
     shard, entry = parse_event_position(position, BY_NAME, services.settings.shards)
     if shard.context not in projection.contexts:
         return  # the projection never reads that stream: nothing to wait for
-    delay = 0.005
-    with anyio.move_on_after(services.settings.after_timeout_s):
-        while not await db.reached(services.pool, projection.name, shard, entry):
-            await anyio.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
-        return
-    raise Stale(f"{projection.name} has not reached {position} yet")
+    reached = await poll(
+        lambda: db.reached(services.pool, projection.name, shard, entry),
+        bool,
+        within_s=services.settings.after_timeout_s,
+        first_s=0.005,
+        cap_s=0.1,
+    )
+    if not reached:
+        raise Stale(f"{projection.name} has not reached {position} yet")
 
 
 def query_route(projection: Projection, query: Query) -> Route:

@@ -32,7 +32,7 @@ from app.queries import query_routes
 from app.services import Metrics, Services, json_response
 from app.settings import Settings
 from projections import PROJECTIONS, db
-from streams.bus import CommandBus, check_layout
+from streams.bus import CommandBus
 from streams.connection import Scripts, connect
 from streams.fanout import Fanout
 from streams.keys import Keys
@@ -141,11 +141,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         scripts = Scripts(redis)
-        with contextlib.suppress(RedisError, OSError):  # down now: /readyz will say so
-            await check_layout(redis, keys)
+        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
+        # A mismatch fails start-up; if Redis is down now, the bus checks before it writes.
+        with contextlib.suppress(RedisError, OSError):
+            await bus.check_layout()
         pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
         fanout = Fanout(redis, keys, [c.name for c in CONTEXTS], settings)
-        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
         services = Services(
             settings=settings,
             keys=keys,

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from app.errors import ConfigurationError, EddyError, IdempotencyConflict, Unavailable
 from app.messages import CommandRecord, Envelope, envelope_decoder
 from streams.connection import Redis, Scripts
+from streams.consumer import poll
 from streams.keys import Keys, Shard
 from streams.positions import event_position
 
@@ -135,9 +136,7 @@ class CommandBus:
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
             with anyio.CancelScope(shield=True):  # waiters depend on this batch's outcome
-                if not self._layout_checked:
-                    await check_layout(self.redis, self.keys)
-                    self._layout_checked = True
+                await self.check_layout()
                 await self._submit(batch)
         except (RedisError, OSError) as exc:
             for pending in batch:
@@ -149,6 +148,12 @@ class CommandBus:
         finally:
             for pending in batch:
                 pending.done.set()
+
+    async def check_layout(self) -> None:
+        """Check the shard count against the data's once, before the first write."""
+        if not self._layout_checked:
+            await check_layout(self.redis, self.keys)
+            self._layout_checked = True
 
     async def _submit(self, batch: list[_Pending]) -> None:
         """Locators first (SET NX), then the submit step of every command not in conflict."""
@@ -240,14 +245,13 @@ class CommandBus:
 
     async def wait(self, tenant_id: str, command_id: str, timeout_s: float) -> CommandStatus | None:
         """Poll the status until it is final or `timeout_s` passes; return the last seen."""
-        delay = 0.002
-        status = await self.status(tenant_id, command_id)
-        with anyio.move_on_after(timeout_s):
-            while status is None or status.status not in FINAL:
-                await anyio.sleep(delay)
-                delay = min(delay * 1.5, 0.05)
-                status = await self.status(tenant_id, command_id)
-        return status
+        return await poll(
+            lambda: self.status(tenant_id, command_id),
+            lambda status: status is not None and status.status in FINAL,
+            within_s=timeout_s,
+            first_s=0.002,
+            cap_s=0.05,
+        )
 
     async def events_of(self, status: CommandStatus) -> list[Envelope]:
         """The stored envelopes of a processed command (consecutive entries of its shard)."""

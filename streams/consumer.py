@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from redis.exceptions import RedisError, ResponseError
@@ -25,6 +25,7 @@ from streams.connection import BLOCK_MS, Redis
 from streams.lease import LeaseLost, ShardLease
 
 log = logging.getLogger("eddy.consumer")
+T = TypeVar("T")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 Handle = Callable[[list[Entry]], Awaitable[list[bytes]]]
@@ -46,6 +47,26 @@ class Backoff:
     async def sleep(self) -> None:
         await anyio.sleep(self.next_s * random.uniform(0.5, 1.0))
         self.next_s = min(self.next_s * 2, self.cap_s)
+
+
+async def poll(
+    check: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    *,
+    within_s: float,
+    first_s: float,
+    cap_s: float,
+) -> T:
+    """Call `check` until `ok(result)` or `within_s` has passed, pausing a little
+    longer each time (from `first_s` up to `cap_s`); return the last result."""
+    result = await check()
+    delay = first_s
+    with anyio.move_on_after(within_s):
+        while not ok(result):
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, cap_s)
+            result = await check()
+    return result
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
