@@ -28,7 +28,7 @@ from streams.connection import Redis, Scripts
 from streams.consumer import RETRYABLE, Entry, consume
 from streams.keys import Keys, Shard, projection_group
 from streams.lease import Balancer, ShardLease
-from streams.positions import parse_entry_id
+from streams.positions import entry_id_of
 
 log = logging.getLogger("eddy.projector")
 
@@ -53,13 +53,11 @@ class ShardProjector:
             fresh = [
                 stamp(self.shard, entry_id.decode(), fields[b"e"])
                 for entry_id, fields in entries
-                if parse_entry_id(entry_id.decode()) > committed
+                if entry_id_of(entry_id) > committed
             ]
             if fresh:
                 await self.projection.apply(conn, fresh)
-                await db.advance(
-                    conn, self.projection.name, self.shard, parse_entry_id(ids[-1].decode())
-                )
+                await db.advance(conn, self.projection.name, self.shard, entry_id_of(ids[-1]))
         return ids
 
 

@@ -66,6 +66,7 @@ from streams.positions import (
     Vector,
     decode_cursor,
     encode_cursor,
+    entry_id_of,
     event_position,
     format_entry_id,
 )
@@ -129,19 +130,14 @@ def reader_groups(redis: Redis, streams: Mapping[str, Shard]) -> list[dict[str, 
 
 def beyond_retention(after: EntryId, info: Mapping[str, Any]) -> bool:
     """Whether a stream (its XINFO STREAM reply) may have lost entries after `after`."""
-    if _entry_id(info["max-deleted-entry-id"]) > after:
+    if entry_id_of(info["max-deleted-entry-id"]) > after:
         return True
     if info["entries-added"] <= info["length"]:
         return False  # nothing was ever trimmed or deleted
     first = info["first-entry"]
     if not first:
-        return _entry_id(info["last-generated-id"]) > after
-    return _entry_id(first[0]) > after
-
-
-def _entry_id(raw: bytes) -> EntryId:
-    ms, _, seq = raw.partition(b"-")
-    return int(ms), int(seq)
+        return entry_id_of(info["last-generated-id"]) > after
+    return entry_id_of(first[0]) > after
 
 
 def _decode(shard: Shard, entry: Entry) -> Envelope | None:
@@ -229,7 +225,7 @@ class Fanout:
             if "no such key" in str(exc).lower():
                 return ZERO
             raise
-        return _entry_id(info["last-generated-id"])
+        return entry_id_of(info["last-generated-id"])
 
     async def _read(self, streams: dict[str, Shard]) -> None:
         """One reader: XREAD BLOCK over `streams` from the vector, publish, repeat."""
@@ -252,7 +248,7 @@ class Fanout:
     def _publish(self, shard: Shard, entries: list[Entry]) -> None:
         """Hand each entry to the subscribers it matches. Never awaits."""
         for entry in entries:
-            self._vector.advance(shard, _entry_id(entry[0]))
+            self._vector.advance(shard, entry_id_of(entry[0]))
             if not self._tenants:
                 continue
             envelope = _decode(shard, entry)
@@ -469,8 +465,8 @@ class CatchUp:
                 raise BeyondRetention(key)
             if isinstance(entries, Exception):
                 raise entries
-            self._pages[shard].extend((_entry_id(e[0]), e) for e in entries)
+            self._pages[shard].extend((entry_id_of(e[0]), e) for e in entries)
             if len(entries) < CATCH_UP_PAGE:
                 del self._after[shard]
             else:
-                self._after[shard] = _entry_id(entries[-1][0])
+                self._after[shard] = entry_id_of(entries[-1][0])

@@ -36,6 +36,12 @@ def parse_entry_id(raw: str) -> EntryId:
     return result
 
 
+def entry_id_of(raw: bytes) -> EntryId:
+    """An entry id as Redis replies with it (trusted: no checks)."""
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq)
+
+
 def format_entry_id(entry: EntryId) -> str:
     return f"{entry[0]}-{entry[1]}"
 
