@@ -137,9 +137,12 @@ class Balancer:
     async def _tick(self, tg: TaskGroup) -> None:
         now_ms = int(time.time() * 1000)
         members = self.keys.members(self.role)
-        await self.redis.zadd(members, {self.member: now_ms})
-        await self.redis.zremrangebyscore(members, 0, now_ms - self.ttl_ms)
-        alive = max(1, int(await self.redis.zcard(members)))
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
+            pipe.zadd(members, {self.member: now_ms})
+            pipe.zremrangebyscore(members, 0, now_ms - self.ttl_ms)
+            pipe.zcard(members)
+            *_, count = await pipe.execute()
+        alive = max(1, int(count))
         fair = math.ceil(len(self.shards) / alive)
 
         for shard, running in list(self.running.items()):
