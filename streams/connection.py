@@ -58,12 +58,7 @@ class Scripts:
 
     async def load(self) -> None:
         """Load every script now, so the first command does not pay for it."""
-        for script in (
-            self.submit,
-            self.apply,
-            self.lease_extend,
-            self.lease_release,
-        ):
+        for script in [v for v in vars(self).values() if isinstance(v, AsyncScript)]:
             script.sha = await self._client.script_load(script.script)
 
     async def pipelined(self, calls: Sequence[ScriptCall]) -> list[Any]:

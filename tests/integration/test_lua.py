@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from redis.commands.core import AsyncScript
+
+import streams
 from streams.connection import Redis, Scripts
 from streams.keys import Keys, Shard
 
@@ -171,3 +176,12 @@ async def test_load_marks_the_batch_consumed_and_reads_states(settings, redis) -
     assert await redis.hget(a, "status") == b"consumed"
     assert await redis.hget(b, "status") == b"processed"
     assert await scripts.load_states(keys=[present], args=[0]) == [[b"3", b"{}"]]
+
+
+async def test_every_lua_step_is_registered_and_loaded(settings, redis) -> None:
+    _, scripts, _ = setup(settings, redis)
+    await scripts.load()
+    registered = [s for s in vars(scripts).values() if isinstance(s, AsyncScript)]
+    files = list(Path(streams.__file__).parent.joinpath("lua").glob("*.lua"))
+    assert sorted(s.script for s in registered) == sorted(f.read_text() for f in files)
+    assert all(await redis.script_exists(*[s.sha for s in registered]))
