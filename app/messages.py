@@ -70,6 +70,8 @@ class CommandRecord(msgspec.Struct, frozen=True, kw_only=True):
     aggregate_id: str
     accepted_at: datetime
     payload: msgspec.Raw
+    causation_id: str | None = None
+    """The event that caused this command, when a process manager issued it."""
 
 
 class Issued(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +82,9 @@ class Issued(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     roles: tuple[str, ...]
     now: datetime
+    related: Any = None
+    """The state of the aggregate the context's `related(command)` names (None if
+    it does not exist): a read of another context, never a write to it."""
 
 
 Decide = Callable[[Any, Any, Issued], Sequence[Event]]
@@ -105,6 +110,15 @@ class Context:
     roles: dict[str, frozenset[str]] = field(default_factory=dict)
     """Roles allowed per command type; a type not listed allows `DEFAULT_ROLES`."""
     session_of: Callable[[Any, Any], str | None] = lambda state, event: None
+    related: Callable[[Any], tuple[str, str] | None] | None = None
+    """`(context, aggregate_id)` whose current state `decide` needs (as `issued.related`).
+
+    Read when the command is decided; it can change right after, so a rule that
+    must hold afterwards needs a process manager as well (see `app/reactions.py`)."""
+    unique: Callable[[Any], tuple[str, str] | None] | None = None
+    """`(scope, value)` that must be unique in the tenant (a tool's name): the worker
+    reserves it for the command before deciding, refuses the command with
+    `<scope>_taken` if another command holds it, and frees it if the command fails."""
 
     def allowed_roles(self, command_type: str) -> frozenset[str]:
         return self.roles.get(command_type, DEFAULT_ROLES)

@@ -21,13 +21,15 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
 from app.contexts import CONTEXTS
+from app.reactions import reactors
 from app.settings import Settings
 from projections import PROJECTIONS, db
 from projections.projector import run_projector as project
-from streams.bus import check_layout
+from streams.bus import CommandBus, check_layout
 from streams.connection import Redis, Scripts, connect
 from streams.consumer import Backoff
 from streams.keys import Keys
+from streams.reactor import run_reactors as react
 from streams.worker import run_worker as work
 
 log = logging.getLogger("eddy.runtime")
@@ -124,8 +126,12 @@ async def _postgres(settings: Settings) -> AsyncIterator[db.Pool]:
 
 
 async def run_worker(settings: Settings) -> None:
-    async with _redis(settings) as (redis, scripts):
-        await work(redis, scripts, Keys(settings.key_prefix, settings.shards), settings, CONTEXTS)
+    """The command workers and the process managers (`app/reactions.py`)."""
+    async with _redis(settings) as (redis, scripts), anyio.create_task_group() as tg:
+        keys = Keys(settings.key_prefix, settings.shards)
+        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
+        tg.start_soon(work, redis, scripts, keys, settings, CONTEXTS)
+        tg.start_soon(react, redis, scripts, keys, settings, reactors(redis, keys, bus))
 
 
 async def run_projector(settings: Settings) -> None:

@@ -6,7 +6,7 @@ routes are built from this list.
 
 from __future__ import annotations
 
-from projections import chat_sessions
+from projections import chat_sessions, message_streams
 from projections.projection import Projection
 
-PROJECTIONS: tuple[Projection, ...] = (chat_sessions.PROJECTION,)
+PROJECTIONS: tuple[Projection, ...] = (chat_sessions.PROJECTION, message_streams.PROJECTION)

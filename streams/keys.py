@@ -68,6 +68,15 @@ class Keys:
         """Where a command id lives: `<context>:<shard>:<type>` (its own slot)."""
         return f"{self.prefix}:cmdloc:{_part(tenant_id)}:{command_id}"
 
+    def reservation(self, context: str, tenant_id: str, scope: str, value: str) -> str:
+        """A value unique in a tenant (a tool's name), held by the command that took it."""
+        return f"{self.prefix}:unique:{_part(context)}:{_part(tenant_id)}:{_part(scope)}:{value}"
+
+    def session_streams(self, tenant_id: str, session_id: str) -> str:
+        """The message streams started in a chat session that are not known stopped
+        (a set kept by the process manager of `app/reactions.py`)."""
+        return f"{self.prefix}:session-streams:{_part(tenant_id)}:{session_id}"
+
     def members(self, role: str) -> str:
         """Sorted set of live processes of one role, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:members:{role}"
@@ -79,3 +88,7 @@ class Keys:
 
 def projection_group(projection: str) -> str:
     return f"projection:{projection}"
+
+
+def reactor_group(reactor: str) -> str:
+    return f"reactor:{reactor}"

@@ -8,6 +8,12 @@ XREADGROUP batch ─▶ load.lua: mark `consumed`, read the states not cached
          status · XACK) ─▶ conflicts? drop their cached state, decide them again
 ```
 
+Two hooks of a context run before deciding, outside the shard's slot: `related`
+reads another aggregate's state for `decide` (a read, never a write), and
+`unique` reserves a value in the tenant for the command (SET NX, held by the
+command id, so a redelivered command finds its own reservation); a command that
+fails frees what it reserved once its failure is recorded.
+
 The owner of a shard keeps the states of recently used aggregates in memory, so
 a batch costs three round trips whatever its size. The XACK is part of the apply
 step: no crash can leave an applied command unacknowledged. The cache is only a
@@ -24,7 +30,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from app.contexts import COMMANDS
+from app.contexts import BY_NAME, COMMANDS
 from app.errors import Rejected
 from app.messages import (
     CommandRecord,
@@ -57,11 +63,22 @@ class _Command(NamedTuple):
     record: CommandRecord
 
 
+class _Prepared(msgspec.Struct):
+    """What the context's hooks found for one command before it is decided."""
+
+    related: Any = None
+    reserved: str = ""
+    """The reservation key this command holds."""
+    taken: tuple[str, str] | None = None
+    """The `(scope, value)` another command holds."""
+
+
 class _Decision(msgspec.Struct):
     command: _Command
     status_key: str
     aggregate_key: str
     expected: int
+    reserved: str = ""
     outcome: str = "processed"
     state: bytes = b""
     error: bytes = b""
@@ -124,7 +141,8 @@ class ShardWorker:
 
     async def _apply_round(self, commands: Sequence[_Command]) -> list[_Command]:
         """Decide and apply `commands` in order; return those to decide again."""
-        decisions = [self._decide(command) for command in commands]
+        prepared = await self._prepare(commands)
+        decisions = [self._decide(c, prepared.get(c.entry_id)) for c in commands]
         assert self.lease is not None
         args: list[Any] = [self.lease.owner, self.settings.command_ttl_s, COMMAND_GROUP]
         keys = [
@@ -141,12 +159,57 @@ class ShardWorker:
             raise LeaseLost(self.shard.name)
         again: list[_Command] = []
         for decision, reply in zip(decisions, replies, strict=True):
+            if reply[0] == b"ok" and decision.outcome == "failed" and decision.reserved:
+                await self.scripts.lease_release(
+                    keys=[decision.reserved], args=[decision.command.record.id]
+                )
             if reply[0] == b"conflict":
                 self.states.pop(decision.aggregate_key, None)
                 again.append(decision.command)
             elif reply[0] == b"duplicate":
                 self.states.pop(decision.aggregate_key, None)
         return again
+
+    async def _prepare(self, commands: Sequence[_Command]) -> dict[bytes, _Prepared]:
+        """Run the `related` and `unique` hooks of the commands whose context has them."""
+        prepared: dict[bytes, _Prepared] = {}
+        for entry_id, record in commands:
+            command_type = COMMANDS.get(record.type)
+            if command_type is None:
+                continue
+            context = command_type.context
+            if context.related is None and context.unique is None:
+                continue
+            try:
+                command = command_type.decoder.decode(record.payload)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue  # `_decide` fails it
+            found = prepared[entry_id] = _Prepared()
+            if context.related is not None and (ref := context.related(command)) is not None:
+                found.related = await self._state_of(record.tenant_id, *ref)
+            if context.unique is not None and (claim := context.unique(command)) is not None:
+                key = self.keys.reservation(context.name, record.tenant_id, *claim)
+                if await self._reserve(key, record.id):
+                    found.reserved = key
+                else:
+                    found.taken = claim
+        return prepared
+
+    async def _state_of(self, tenant_id: str, context: str, aggregate_id: str) -> Any:
+        shard = self.keys.shard_of(context, tenant_id, aggregate_id)
+        raw: Any = await self.redis.hget(
+            self.keys.aggregate(shard, tenant_id, aggregate_id), "state"
+        )
+        return None if raw is None else _decode_state(BY_NAME[context], raw)
+
+    async def _reserve(self, key: str, command_id: str) -> bool:
+        """Take `key` for the command unless another command holds it."""
+        while True:
+            if await self.redis.set(key, command_id, nx=True):
+                return True
+            holder = await self.redis.get(key)
+            if holder is not None:
+                return bool(holder == command_id.encode())
 
     async def _load(self, commands: Sequence[_Command], *, mark_consumed: bool) -> None:
         """Mark the batch `consumed` (once) and load the states the cache lacks."""
@@ -168,8 +231,9 @@ class ShardWorker:
         while len(self.states) > CACHE_SIZE:
             self.states.popitem(last=False)
 
-    def _decide(self, command: _Command) -> _Decision:
+    def _decide(self, command: _Command, prepared: _Prepared | None) -> _Decision:
         record = command.record
+        prepared = prepared or _Prepared()
         aggregate_key = self._aggregate_key(record)
         version, raw_state = self.states[aggregate_key]
         decision = _Decision(
@@ -177,11 +241,15 @@ class ShardWorker:
             status_key=self._status_key(record),
             aggregate_key=aggregate_key,
             expected=version,
+            reserved=prepared.reserved,
         )
         command_type = COMMANDS.get(record.type)
         if command_type is None or command_type.context.name != self.shard.context:
             return _fail(decision, "unknown_command", f"unknown command type {record.type}")
         context = command_type.context
+        if prepared.taken is not None:
+            scope, value = prepared.taken
+            return _fail(decision, f"{scope}_taken", f"{scope} {value!r} is taken in this tenant")
         try:
             state = None if raw_state is None else _decode_state(context, raw_state)
             command = command_type.decoder.decode(record.payload)
@@ -191,6 +259,7 @@ class ShardWorker:
                 actor=record.actor,
                 roles=tuple(record.roles),
                 now=utcnow(),
+                related=prepared.related,
             )
             events = list(context.decide(state, command, issued))
             for n, event in enumerate(events, start=version + 1):
@@ -248,7 +317,7 @@ def _envelope(
         metadata=Metadata(
             command_id=record.id,
             correlation_id=record.correlation_id,
-            causation_id=record.id,
+            causation_id=record.causation_id or record.id,
             actor=record.actor,
             session_id=context.session_of(state, event),
         ),

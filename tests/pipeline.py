@@ -13,12 +13,14 @@ import msgspec
 from app.auth import Principal
 from app.commands import build_record
 from app.contexts import COMMANDS, CONTEXTS
+from app.reactions import reactors
 from app.settings import Settings
 from projections import PROJECTIONS, db
 from projections.projector import run_projector
 from streams.bus import Accepted, CommandBus, CommandStatus
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys
+from streams.reactor import run_reactors
 from streams.worker import run_worker
 
 T = TypeVar("T")
@@ -84,6 +86,8 @@ async def running(
         async with anyio.create_task_group() as tg:
             if worker:
                 tg.start_soon(run_worker, redis, p.scripts, p.keys, settings, CONTEXTS)
+                reacting = reactors(redis, p.keys, p.bus)
+                tg.start_soon(run_reactors, redis, p.scripts, p.keys, settings, reacting)
             if projector:
                 tg.start_soon(run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS)
             yield p

@@ -8,10 +8,10 @@ from typing import Any
 
 import msgspec
 
-from app.contexts import chat_sessions
+from app.contexts import chat_sessions, message_streams
 from app.messages import Command, Context, Event
 
-CONTEXTS: tuple[Context, ...] = (chat_sessions.CONTEXT,)
+CONTEXTS: tuple[Context, ...] = (chat_sessions.CONTEXT, message_streams.CONTEXT)
 
 
 class CommandType(msgspec.Struct, frozen=True):
