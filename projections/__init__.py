@@ -6,7 +6,12 @@ routes are built from this list.
 
 from __future__ import annotations
 
-from projections import chat_sessions, message_streams
+from projections import chat_sessions, message_streams, runtime_config, traces
 from projections.projection import Projection
 
-PROJECTIONS: tuple[Projection, ...] = (chat_sessions.PROJECTION, message_streams.PROJECTION)
+PROJECTIONS: tuple[Projection, ...] = (
+    chat_sessions.PROJECTION,
+    traces.PROJECTION,
+    message_streams.PROJECTION,
+    runtime_config.PROJECTION,
+)

@@ -8,10 +8,15 @@ from typing import Any
 
 import msgspec
 
-from app.contexts import chat_sessions, message_streams
+from app.contexts import chat_sessions, message_streams, runtime_config, traces
 from app.messages import Command, Context, Event
 
-CONTEXTS: tuple[Context, ...] = (chat_sessions.CONTEXT, message_streams.CONTEXT)
+CONTEXTS: tuple[Context, ...] = (
+    chat_sessions.CONTEXT,
+    traces.CONTEXT,
+    message_streams.CONTEXT,
+    runtime_config.CONTEXT,
+)
 
 
 class CommandType(msgspec.Struct, frozen=True):

@@ -1,0 +1,166 @@
+"""Runtime-config read models: the current config per module, its flags, and its history.
+
+Every event carries the whole config after it, so each one is written as is: the
+current row and the flag rows only if the event is newer than them (a version
+guard), the history row once (its key is the version). A module appears here with
+its first event; before that every query about it answers 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from app.contexts import EVENTS
+from app.contexts.runtime_config import RuntimeConfigReset, RuntimeConfigUpdated, RuntimeFlagUpdated
+from app.errors import BadRequest
+from app.messages import Envelope
+from projections.db import Connection
+from projections.projection import Answer, Projection, Query, QueryArgs, Statements, encode_cursor
+
+UPSERT_CONFIG = (
+    "INSERT INTO runtime_configs"
+    " (tenant_id, module, settings, flags, version, updated_at, updated_by)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    " ON CONFLICT (tenant_id, module) DO UPDATE SET settings = excluded.settings,"
+    " flags = excluded.flags, version = excluded.version, updated_at = excluded.updated_at,"
+    " updated_by = excluded.updated_by"
+    " WHERE runtime_configs.version < excluded.version"
+)
+UPSERT_FLAGS = (
+    "INSERT INTO runtime_flags (tenant_id, module, flag, enabled, version, updated_at)"
+    " SELECT $1, $2, key, value::boolean, $4, $5 FROM jsonb_each_text($3::jsonb)"
+    " ON CONFLICT (tenant_id, module, flag) DO UPDATE SET enabled = excluded.enabled,"
+    " version = excluded.version,"
+    " updated_at = CASE WHEN runtime_flags.enabled = excluded.enabled"
+    " THEN runtime_flags.updated_at ELSE excluded.updated_at END"
+    " WHERE runtime_flags.version < excluded.version"
+)
+DELETE_OTHER_FLAGS = (
+    "DELETE FROM runtime_flags"
+    " WHERE tenant_id = $1 AND module = $2 AND version < $3 AND NOT $4::jsonb ? flag"
+)
+"""The flags an event no longer lists (a reset drops flags that have no default)."""
+INSERT_HISTORY = (
+    "INSERT INTO runtime_config_history"
+    " (tenant_id, module, version, event_type, settings, flags, actor, at, change)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT DO NOTHING"
+)
+EXISTS = "SELECT 1 FROM runtime_configs WHERE tenant_id = $1 AND module = $2"
+
+
+async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+    statements = Statements()
+    for env in envelopes:
+        event = EVENTS[env.type].decoder.decode(env.payload)
+        match event:
+            case RuntimeFlagUpdated() | RuntimeConfigUpdated() | RuntimeConfigReset():
+                _record(statements, env, event.settings, event.flags, event.changes)
+    await statements.execute(conn)
+
+
+def _record(
+    statements: Statements,
+    env: Envelope,
+    settings: dict[str, Any],
+    flags: dict[str, bool],
+    change: Any,
+) -> None:
+    tenant, module, version = env.tenant_id, env.aggregate_id, env.aggregate_version
+    at, actor = env.occurred_at, env.metadata.actor
+    statements.add(UPSERT_CONFIG, tenant, module, settings, flags, version, at, actor)
+    statements.add(UPSERT_FLAGS, tenant, module, flags, version, at)
+    statements.add(DELETE_OTHER_FLAGS, tenant, module, version, flags)
+    statements.add(
+        INSERT_HISTORY, tenant, module, version, env.type, settings, flags, actor, at, change
+    )
+
+
+async def get_config(conn: Connection, args: QueryArgs) -> Answer:
+    row = await conn.fetchrow(
+        "SELECT module, settings, flags, version, updated_at, updated_by"
+        " FROM runtime_configs WHERE tenant_id = $1 AND module = $2",
+        args.tenant_id,
+        args.path["module"],
+    )
+    return None if row is None else dict(row)
+
+
+async def list_module_flags(conn: Connection, args: QueryArgs) -> Answer:
+    module = args.path["module"]
+    limit = args.limit()
+    if not await conn.fetchval(EXISTS, args.tenant_id, module):
+        return None
+    (after,) = _cursor(args, str) or ("",)
+    rows = await conn.fetch(
+        "SELECT module, flag, enabled, updated_at FROM runtime_flags"
+        " WHERE tenant_id = $1 AND module = $2 AND flag > $3 ORDER BY flag LIMIT $4",
+        args.tenant_id,
+        module,
+        after,
+        limit + 1,
+    )
+    return _page(rows, limit, lambda row: [row["flag"]])
+
+
+async def list_all_flags(conn: Connection, args: QueryArgs) -> Answer:
+    limit = args.limit()
+    after = _cursor(args, str, str) or ("", "")
+    rows = await conn.fetch(
+        "SELECT module, flag, enabled, updated_at FROM runtime_flags"
+        " WHERE tenant_id = $1 AND (module, flag) > ($2, $3) ORDER BY module, flag LIMIT $4",
+        args.tenant_id,
+        *after,
+        limit + 1,
+    )
+    return _page(rows, limit, lambda row: [row["module"], row["flag"]])
+
+
+async def get_history(conn: Connection, args: QueryArgs) -> Answer:
+    module = args.path["module"]
+    limit = args.limit()
+    if not await conn.fetchval(EXISTS, args.tenant_id, module):
+        return None
+    (after,) = _cursor(args, int) or (0,)
+    rows = await conn.fetch(
+        "SELECT version, event_type AS type, settings, flags, actor, at, change"
+        " FROM runtime_config_history WHERE tenant_id = $1 AND module = $2 AND version > $3"
+        " ORDER BY version LIMIT $4",
+        args.tenant_id,
+        module,
+        after,
+        limit + 1,
+    )
+    return _page(rows, limit, lambda row: [row["version"]])
+
+
+def _cursor(args: QueryArgs, *types: type) -> tuple[Any, ...] | None:
+    """The cursor's values, checked against `types` (a bool is not an int here)."""
+    values = args.cursor()
+    if values is None:
+        return None
+    if len(values) != len(types) or any(
+        type(value) is not kind for value, kind in zip(values, types, strict=False)
+    ):
+        raise BadRequest("cursor is not one this API issued")
+    return tuple(values)
+
+
+def _page(rows: list[Any], limit: int, key: Callable[[Any], list[Any]]) -> dict[str, Any]:
+    items = [dict(row) for row in rows[:limit]]
+    next_cursor = encode_cursor(key(rows[limit - 1])) if len(rows) > limit else None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+PROJECTION = Projection(
+    name="runtime_config",
+    contexts=("runtime_config",),
+    apply=apply,
+    queries=(
+        Query("GetRuntimeConfig", "/v1/runtime-config/{module}", get_config),
+        Query("ListRuntimeFlags", "/v1/runtime-config/{module}/flags", list_module_flags),
+        Query("ListAllRuntimeFlags", "/v1/runtime-flags", list_all_flags),
+        Query("GetConfigHistory", "/v1/runtime-config/{module}/history", get_history),
+    ),
+)

@@ -1,0 +1,170 @@
+"""Trace read models: one row per trace, and its spans in append order.
+
+Every write is guarded by the aggregate version: a span row is written only by the
+statement that moved its trace's row to the span's version, and a purge deletes
+the trace's rows only if the row is older than the purge. A purged trace's rows
+are gone for good; the domain rejects every later command on it, so nothing can
+bring them back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from app.contexts import EVENTS
+from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
+from app.errors import BadRequest
+from app.messages import Envelope
+from projections.db import Connection
+from projections.projection import Answer, Projection, Query, QueryArgs, Statements, encode_cursor
+
+TRACE_COLUMNS = (
+    "trace_id, session_id, status, span_count, started_at, finalized_at,"
+    " created_at, updated_at, version"
+)
+SPAN_COLUMNS = "span_id, parent_span_id, name, started_at, ended_at, status, attributes"
+
+APPEND = (
+    "WITH trace AS ("
+    " INSERT INTO traces (tenant_id, trace_id, session_id, status, span_count, started_at,"
+    " created_at, updated_at, version)"
+    " VALUES ($1, $2, $3, 'open', 1, $4, $10, $10, $11)"
+    " ON CONFLICT (tenant_id, trace_id) DO UPDATE SET span_count = traces.span_count + 1,"
+    " started_at = LEAST(traces.started_at, excluded.started_at),"
+    " updated_at = excluded.updated_at, version = excluded.version"
+    " WHERE traces.version < excluded.version"
+    " RETURNING 1)"
+    " INSERT INTO trace_spans (tenant_id, trace_id, seq, span_id, parent_span_id, name,"
+    " started_at, ended_at, status, attributes)"
+    " SELECT $1, $2, $11::integer, $5::text, $6::text, $7::text, $4, $8::timestamptz,"
+    " $9::text, $12::jsonb FROM trace"
+    " ON CONFLICT DO NOTHING"
+)
+FINALIZE = (
+    "UPDATE traces SET status = 'finalized', finalized_at = $3, updated_at = $3, version = $4"
+    " WHERE tenant_id = $1 AND trace_id = $2 AND version < $4"
+)
+PURGE = (
+    "WITH gone AS ("
+    " DELETE FROM traces WHERE tenant_id = $1 AND trace_id = $2 AND version < $3"
+    " RETURNING tenant_id, trace_id)"
+    " DELETE FROM trace_spans AS s USING gone"
+    " WHERE s.tenant_id = gone.tenant_id AND s.trace_id = gone.trace_id"
+)
+
+
+async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+    statements = Statements()
+    for env in envelopes:
+        event = EVENTS[env.type].decoder.decode(env.payload)
+        match event:
+            case TraceSpanAppended():
+                statements.add(
+                    APPEND,
+                    env.tenant_id,
+                    event.trace_id,
+                    event.session_id,
+                    event.started_at,
+                    event.span_id,
+                    event.parent_span_id,
+                    event.name,
+                    event.ended_at,
+                    event.status,
+                    env.occurred_at,
+                    env.aggregate_version,
+                    event.attributes,
+                )
+            case TraceFinalized():
+                statements.add(
+                    FINALIZE, env.tenant_id, event.trace_id, env.occurred_at, env.aggregate_version
+                )
+            case TracePurged():
+                statements.add(PURGE, env.tenant_id, event.trace_id, env.aggregate_version)
+    await statements.execute(conn)
+
+
+async def get_trace(conn: Connection, args: QueryArgs) -> Answer:
+    row = await conn.fetchrow(
+        f"SELECT {TRACE_COLUMNS} FROM traces WHERE tenant_id = $1 AND trace_id = $2",
+        args.tenant_id,
+        args.path["trace_id"],
+    )
+    return None if row is None else dict(row)
+
+
+async def list_traces(conn: Connection, args: QueryArgs) -> Answer:
+    """The tenant's traces (of one session with `?session_id=`), newest first."""
+    limit = args.limit()
+    where = ["tenant_id = $1"]
+    values: list[Any] = [args.tenant_id]
+    if args.params.get("session_id"):
+        values.append(args.params["session_id"])
+        where.append(f"session_id = ${len(values)}")
+    cursor = args.cursor()
+    if cursor is not None:
+        if len(cursor) != 2 or not isinstance(cursor[1], str):
+            raise BadRequest("cursor is not one this API issued")
+        values += [_timestamp(cursor[0]), cursor[1]]
+        where.append(f"(created_at, trace_id) < (${len(values) - 1}, ${len(values)})")
+    values.append(limit + 1)
+    rows = await conn.fetch(
+        f"SELECT {TRACE_COLUMNS} FROM traces WHERE {' AND '.join(where)}"
+        f" ORDER BY created_at DESC, trace_id DESC LIMIT ${len(values)}",
+        *values,
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor([last["created_at"].isoformat(), last["trace_id"]])
+    return {"items": [dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
+
+
+async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
+    """A trace's spans in append order; None (404) if the trace does not exist."""
+    trace_id = args.path["trace_id"]
+    limit = args.limit()
+    after = _seq(args.cursor() or [0])
+    exists = await conn.fetchval(
+        "SELECT 1 FROM traces WHERE tenant_id = $1 AND trace_id = $2", args.tenant_id, trace_id
+    )
+    if not exists:
+        return None
+    rows = await conn.fetch(
+        f"SELECT seq, {SPAN_COLUMNS} FROM trace_spans"
+        " WHERE tenant_id = $1 AND trace_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        args.tenant_id,
+        trace_id,
+        after,
+        limit + 1,
+    )
+    items = [{k: v for k, v in row.items() if k != "seq"} for row in rows[:limit]]
+    next_cursor = encode_cursor([rows[limit - 1]["seq"]]) if len(rows) > limit else None
+    return {"trace_id": trace_id, "items": items, "next_cursor": next_cursor}
+
+
+def _seq(cursor: list[Any]) -> int:
+    """The span `seq` a cursor of `ListTraceSpans` continues after (0: from the start)."""
+    seq = cursor[0] if len(cursor) == 1 else None
+    if type(seq) is not int or not 0 <= seq < 2**31:
+        raise BadRequest("cursor is not one this API issued")
+    return seq
+
+
+def _timestamp(raw: Any) -> datetime:
+    try:
+        return datetime.fromisoformat(str(raw))
+    except ValueError:
+        raise BadRequest("cursor is not one this API issued") from None
+
+
+PROJECTION = Projection(
+    name="traces",
+    contexts=("traces",),
+    apply=apply,
+    queries=(
+        Query("ListTracesForSession", "/v1/traces", list_traces),
+        Query("GetTraceById", "/v1/traces/{trace_id}", get_trace),
+        Query("ListTraceSpans", "/v1/traces/{trace_id}/spans", list_spans),
+    ),
+)
