@@ -76,9 +76,10 @@ async def eventually(check: Callable[[], Awaitable[T | None]], within: float = 1
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, worker: bool = True, projector: bool = True
+    settings: Settings, *, worker: bool = True, projector: bool = True, reacting: bool = True
 ) -> AsyncIterator[Pipeline]:
-    """Worker and projector tasks in this process, stopped on exit."""
+    """Worker (with the process managers unless not `reacting`) and projector tasks
+    in this process, stopped on exit."""
     redis = connect(settings.redis_url)
     pool = await db.create_pool(settings.database_url, settings.db_schema)
     p = Pipeline(settings, redis)
@@ -86,8 +87,9 @@ async def running(
         async with anyio.create_task_group() as tg:
             if worker:
                 tg.start_soon(run_worker, redis, p.scripts, p.keys, settings, CONTEXTS)
-                reacting = reactors(redis, p.keys, p.bus)
-                tg.start_soon(run_reactors, redis, p.scripts, p.keys, settings, reacting)
+            if worker and reacting:
+                managers = reactors(redis, p.keys, p.bus)
+                tg.start_soon(run_reactors, redis, p.scripts, p.keys, settings, managers)
             if projector:
                 tg.start_soon(run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS)
             yield p

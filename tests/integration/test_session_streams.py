@@ -1,0 +1,132 @@
+"""The process manager that stops a closed session's message streams: exactly
+once per stream, even when it is killed half-way through a session's streams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+
+from app.messages import CommandRecord
+from app.reactions import session_streams, stop_command_id
+from streams.bus import Accepted, CommandBus
+from streams.reactor import run_reactors
+from tests.pipeline import ADMIN, Pipeline, eventually, running
+
+STREAMS = 12
+KILLED_AFTER = 5
+
+
+class Killed(Exception):
+    """Stands for the process dying between two submissions."""
+
+
+class DyingBus(CommandBus):
+    """A bus whose process dies once, after `KILLED_AFTER` submissions."""
+
+    submitted = 0
+    killed = 0
+
+    async def submit(self, record: CommandRecord, shard: Any) -> Accepted:
+        if self.submitted == KILLED_AFTER and not self.killed:
+            self.killed += 1
+            raise Killed
+        self.submitted += 1
+        return await super().submit(record, shard)
+
+
+async def records_of(p: Pipeline, type_name: str) -> list[CommandRecord]:
+    found = []
+    for shard in p.keys.shards_of("message_streams"):
+        for _, fields in await p.redis.xrange(p.keys.command_stream(shard)):
+            record = msgspec.json.decode(fields[b"c"], type=CommandRecord)
+            if record.type == type_name:
+                found.append(record)
+    return found
+
+
+async def events_of(p: Pipeline, type_name: str) -> list[dict[str, Any]]:
+    found = []
+    for shard in p.keys.shards_of("message_streams"):
+        for _, fields in await p.redis.xrange(p.keys.event_stream(shard)):
+            envelope = msgspec.json.decode(fields[b"e"])
+            if envelope["type"] == type_name:
+                found.append(envelope)
+    return found
+
+
+async def test_a_process_manager_killed_half_way_stops_every_stream_once(settings) -> None:
+    async with running(settings, projector=False, reacting=False) as p:
+        created = await p.submit(
+            "CreateChatSession",
+            {"agent_id": "a", "participants": [{"participant_id": "u1", "role": "agent"}]},
+        )
+        session_id = created.aggregate_id
+        assert (await p.outcome(created.command_id)).status == "processed"
+        streams = []
+        for _ in range(STREAMS):
+            accepted = await p.submit(
+                "StartMessageStream", {"session_id": session_id, "participant_id": "u1"}
+            )
+            assert (await p.outcome(accepted.command_id)).status == "processed"
+            streams.append(accepted.aggregate_id)
+
+        bus = DyingBus(p.redis, p.scripts, p.keys, settings.command_ttl_s)
+        manager = session_streams(p.redis, p.keys, bus)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_reactors, p.redis, p.scripts, p.keys, settings, [manager])
+            closed = await p.submit("CloseChatSession", {"session_id": session_id})
+            assert (await p.outcome(closed.command_id)).status == "processed"
+
+            async def all_stopped() -> list[dict[str, Any]] | None:
+                stopped = await events_of(p, "MessageStreamStopped")
+                return stopped if len(stopped) >= STREAMS else None
+
+            stopped = await eventually(all_stopped, within=20)
+            tg.cancel_scope.cancel()
+        assert bus.killed == 1, "the process manager was never killed"
+        assert sorted(e["aggregate_id"] for e in stopped) == sorted(streams)
+        assert all(e["payload"]["reason"] == "session_closed" for e in stopped)
+        # Killed after 5 submissions, it reacted to the close again from the start:
+        # still one stop command per stream, each with the id derived from its stream.
+        stops = await records_of(p, "StopMessageStream")
+        assert sorted(r.id for r in stops) == sorted(
+            stop_command_id(ADMIN.tenant, s) for s in streams
+        )
+        assert all(r.causation_id for r in stops)
+        for s in streams:
+            status = await p.bus.status(ADMIN.tenant, stop_command_id(ADMIN.tenant, s))
+            assert status is not None and status.status == "processed"
+
+
+async def test_a_stream_started_as_its_session_closes_is_stopped(settings) -> None:
+    """The start is decided while the session is open, and the close is applied
+    before the process manager sees the start: the start's reaction stops it."""
+    async with running(settings, projector=False, reacting=False) as p:
+        created = await p.submit(
+            "CreateChatSession",
+            {"agent_id": "a", "participants": [{"participant_id": "u1", "role": "agent"}]},
+        )
+        session_id = created.aggregate_id
+        await p.outcome(created.command_id)
+        accepted = await p.submit(
+            "StartMessageStream", {"session_id": session_id, "participant_id": "u1"}
+        )
+        await p.outcome(accepted.command_id)
+        closed = await p.submit("CloseChatSession", {"session_id": session_id})
+        await p.outcome(closed.command_id)
+        # Only now does the process manager run: both events are waiting for it,
+        # in whatever order its shards deliver them.
+        manager = session_streams(p.redis, p.keys, p.bus)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_reactors, p.redis, p.scripts, p.keys, settings, [manager])
+            stop_id = stop_command_id(ADMIN.tenant, accepted.aggregate_id)
+
+            async def stopped() -> Any:
+                status = await p.bus.status(ADMIN.tenant, stop_id)
+                return status if status and status.status == "processed" else None
+
+            await eventually(stopped)
+            tg.cancel_scope.cancel()
+        assert len(await records_of(p, "StopMessageStream")) == 1
