@@ -6,7 +6,7 @@ routes are built from this list.
 
 from __future__ import annotations
 
-from projections import chat_sessions, message_streams, runtime_config, traces
+from projections import chat_sessions, message_streams, runtime_config, tools, traces
 from projections.projection import Projection
 
 PROJECTIONS: tuple[Projection, ...] = (
@@ -14,4 +14,5 @@ PROJECTIONS: tuple[Projection, ...] = (
     traces.PROJECTION,
     message_streams.PROJECTION,
     runtime_config.PROJECTION,
+    tools.PROJECTION,
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from app.contexts import chat_sessions, message_streams, runtime_config, traces
+from app.contexts import chat_sessions, message_streams, runtime_config, tools, traces
 from app.messages import Command, Context, Event
 
 CONTEXTS: tuple[Context, ...] = (
@@ -16,6 +16,7 @@ CONTEXTS: tuple[Context, ...] = (
     traces.CONTEXT,
     message_streams.CONTEXT,
     runtime_config.CONTEXT,
+    tools.CONTEXT,
 )
 
 

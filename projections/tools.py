@@ -1,0 +1,135 @@
+"""Tool read model: one row per tool, listed by name.
+
+`ListTools` answers `GET /v1/tools`; with `?active=true` it is the blueprint's
+`ListActiveTools` (only active tools), with `?active=false` only deactivated ones.
+Every write is guarded by the aggregate version, like the chat-sessions projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.contexts import EVENTS
+from app.contexts.tools import ToolDeactivated, ToolRegistered, ToolUpdated
+from app.errors import BadRequest
+from app.messages import Envelope
+from projections.db import Connection
+from projections.projection import (
+    Answer,
+    Projection,
+    Query,
+    QueryArgs,
+    Statements,
+    encode_cursor,
+)
+
+COLUMNS = (
+    "tool_id, name, description, input_schema, runtime_hints, guardrails, active,"
+    " created_at, updated_at, version"
+)
+
+REGISTER = (
+    "INSERT INTO tools (tenant_id, tool_id, name, description, input_schema,"
+    " runtime_hints, guardrails, active, created_at, updated_at, version)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, true, $8, $8, $9)"
+    " ON CONFLICT DO NOTHING"
+)
+UPDATE = (
+    "UPDATE tools SET description = $4, input_schema = $5, runtime_hints = $6,"
+    " guardrails = $7, updated_at = $3, version = $8"
+    " WHERE tenant_id = $1 AND tool_id = $2 AND version < $8"
+)
+DEACTIVATE = (
+    "UPDATE tools SET active = false, updated_at = $3, version = $4"
+    " WHERE tenant_id = $1 AND tool_id = $2 AND version < $4"
+)
+
+
+async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+    statements = Statements()
+    for env in envelopes:
+        event = EVENTS[env.type].decoder.decode(env.payload)
+        match event:
+            case ToolRegistered():
+                statements.add(
+                    REGISTER,
+                    env.tenant_id,
+                    event.tool_id,
+                    event.name,
+                    event.description,
+                    event.input_schema,
+                    event.runtime_hints,
+                    event.guardrails,
+                    env.occurred_at,
+                    env.aggregate_version,
+                )
+            case ToolUpdated():
+                definition = event.definition
+                statements.add(
+                    UPDATE,
+                    env.tenant_id,
+                    env.aggregate_id,
+                    env.occurred_at,
+                    definition.description,
+                    definition.input_schema,
+                    definition.runtime_hints,
+                    definition.guardrails,
+                    env.aggregate_version,
+                )
+            case ToolDeactivated():
+                statements.add(
+                    DEACTIVATE,
+                    env.tenant_id,
+                    env.aggregate_id,
+                    env.occurred_at,
+                    env.aggregate_version,
+                )
+    await statements.execute(conn)
+
+
+async def get_tool(conn: Connection, args: QueryArgs) -> Answer:
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM tools WHERE tenant_id = $1 AND tool_id = $2",
+        args.tenant_id,
+        args.path["tool_id"],
+    )
+    return None if row is None else dict(row)
+
+
+async def list_tools(conn: Connection, args: QueryArgs) -> Answer:
+    active = args.choice("active", ("true", "false", "all"), "all")
+    limit = args.limit()
+    where = ["tenant_id = $1"]
+    values: list[Any] = [args.tenant_id]
+    if active != "all":
+        values.append(active == "true")
+        where.append(f"active = ${len(values)}")
+    cursor = args.cursor()
+    if cursor is not None:
+        if len(cursor) != 2 or not all(isinstance(v, str) for v in cursor):
+            raise BadRequest("cursor is not one this API issued")
+        values += cursor
+        where.append(f"(name, tool_id) > (${len(values) - 1}, ${len(values)})")
+    values.append(limit + 1)
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM tools WHERE {' AND '.join(where)}"
+        f" ORDER BY name, tool_id LIMIT ${len(values)}",
+        *values,
+    )
+    items = [dict(row) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor([last["name"], last["tool_id"]])
+    return {"items": items, "next_cursor": next_cursor}
+
+
+PROJECTION = Projection(
+    name="tools",
+    contexts=("tools",),
+    apply=apply,
+    queries=(
+        Query("ListTools", "/v1/tools", list_tools),
+        Query("GetToolById", "/v1/tools/{tool_id}", get_tool),
+    ),
+)
