@@ -16,16 +16,15 @@ from app.contexts.chat_sessions import (
     ChatSessionCreated,
     ChatSessionParticipantsUpdated,
 )
-from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Keyset,
     Projection,
     Query,
     QueryArgs,
     Statements,
-    encode_cursor,
 )
 
 COLUMNS = (
@@ -33,6 +32,9 @@ COLUMNS = (
     " created_at, updated_at, version"
 )
 
+
+NEWEST_FIRST = Keyset(("created_at", "session_id"), (datetime, str), descending=True)
+IN_START_ORDER = Keyset(("started_at", "stream_id"), (datetime, str))
 
 CREATE = (
     "INSERT INTO chat_sessions (tenant_id, session_id, agent_id, status,"
@@ -88,12 +90,11 @@ async def get_session(conn: Connection, args: QueryArgs) -> Answer:
         args.tenant_id,
         args.path["session_id"],
     )
-    return None if row is None else _session(row)
+    return None if row is None else dict(row)
 
 
 async def list_sessions(conn: Connection, args: QueryArgs) -> Answer:
     status = args.choice("status", ("active", "closed", "archived", "all"), "all")
-    limit = args.limit()
     where = ["tenant_id = $1"]
     values: list[Any] = [args.tenant_id]
     if args.params.get("agent_id"):
@@ -102,26 +103,14 @@ async def list_sessions(conn: Connection, args: QueryArgs) -> Answer:
     if status != "all":
         values.append(status)
         where.append(f"status = ${len(values)}")
-    cursor = args.cursor()
-    if cursor is not None:
-        values += [_timestamp(cursor[0]), str(cursor[1])]
-        where.append(f"(created_at, session_id) < (${len(values) - 1}, ${len(values)})")
-    values.append(limit + 1)
-    rows = await conn.fetch(
-        f"SELECT {COLUMNS} FROM chat_sessions WHERE {' AND '.join(where)}"
-        f" ORDER BY created_at DESC, session_id DESC LIMIT ${len(values)}",
-        *values,
-    )
-    items = [_session(row) for row in rows[:limit]]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor([last["created_at"].isoformat(), last["session_id"]])
-    return {"items": items, "next_cursor": next_cursor}
+    select = f"SELECT {COLUMNS} FROM chat_sessions"
+    return await NEWEST_FIRST.page(conn, args, select, where, values)
 
 
 async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
+    """The session's transcript blocks in start order, paginated like every list."""
     session_id = args.path["session_id"]
+    IN_START_ORDER.check(args)
     exists = await conn.fetchval(
         "SELECT 1 FROM chat_sessions WHERE tenant_id = $1 AND session_id = $2",
         args.tenant_id,
@@ -129,25 +118,15 @@ async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
     )
     if not exists:
         return None
-    rows = await conn.fetch(
+    page = await IN_START_ORDER.page(
+        conn,
+        args,
         "SELECT stream_id, participant_id, text, started_at, stopped_at"
-        " FROM chat_transcript_blocks WHERE tenant_id = $1 AND session_id = $2"
-        " ORDER BY started_at, stream_id",
-        args.tenant_id,
-        session_id,
+        " FROM chat_transcript_blocks",
+        ["tenant_id = $1", "session_id = $2"],
+        [args.tenant_id, session_id],
     )
-    return {"session_id": session_id, "blocks": [dict(row) for row in rows]}
-
-
-def _session(row: Any) -> dict[str, Any]:
-    return dict(row)
-
-
-def _timestamp(raw: Any) -> datetime:
-    try:
-        return datetime.fromisoformat(str(raw))
-    except ValueError:
-        raise BadRequest("cursor is not one this API issued") from None
+    return {"session_id": session_id, "blocks": page["items"], "next_cursor": page["next_cursor"]}
 
 
 PROJECTION = Projection(

@@ -18,22 +18,23 @@ from app.contexts.message_streams import (
     MessageStreamStopped,
     StreamMessagePushed,
 )
-from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Keyset,
     Projection,
     Query,
     QueryArgs,
     Statements,
-    encode_cursor,
 )
 
 COLUMNS = (
     "stream_id, session_id, participant_id, status, chunk_count, text, stop_reason,"
     " started_at, stopped_at, updated_at, version"
 )
+IN_START_ORDER = Keyset(("started_at", "stream_id"), (datetime, str))
+
 START = (
     "INSERT INTO message_streams (tenant_id, stream_id, session_id, participant_id, status,"
     " chunk_count, text, started_at, updated_at, version)"
@@ -137,7 +138,6 @@ async def get_stream(conn: Connection, args: QueryArgs) -> Answer:
 async def list_streams(conn: Connection, args: QueryArgs) -> Answer:
     """Streams in start order; `active=true` (the default), `false` or `all`."""
     active = args.choice("active", ("true", "false", "all"), "true")
-    limit = args.limit()
     where = ["tenant_id = $1"]
     values: list[Any] = [args.tenant_id]
     if args.params.get("session_id"):
@@ -146,30 +146,8 @@ async def list_streams(conn: Connection, args: QueryArgs) -> Answer:
     if active != "all":
         values.append("active" if active == "true" else "stopped")
         where.append(f"status = ${len(values)}")
-    cursor = args.cursor()
-    if cursor is not None:
-        if len(cursor) != 2:
-            raise BadRequest("cursor is not one this API issued")
-        values += [_timestamp(cursor[0]), str(cursor[1])]
-        where.append(f"(started_at, stream_id) > (${len(values) - 1}, ${len(values)})")
-    values.append(limit + 1)
-    rows = await conn.fetch(
-        f"SELECT {COLUMNS} FROM message_streams WHERE {' AND '.join(where)}"
-        f" ORDER BY started_at, stream_id LIMIT ${len(values)}",
-        *values,
-    )
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor([last["started_at"].isoformat(), last["stream_id"]])
-    return {"items": [dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
-
-
-def _timestamp(raw: Any) -> datetime:
-    try:
-        return datetime.fromisoformat(str(raw))
-    except ValueError:
-        raise BadRequest("cursor is not one this API issued") from None
+    select = f"SELECT {COLUMNS} FROM message_streams"
+    return await IN_START_ORDER.page(conn, args, select, where, values)
 
 
 PROJECTION = Projection(

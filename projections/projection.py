@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -52,10 +53,88 @@ def decode_cursor(raw: str) -> list[Any]:
     try:
         values = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise BadRequest("cursor is not one this API issued") from None
+        raise _not_ours() from None
     if not isinstance(values, list):
-        raise BadRequest("cursor is not one this API issued")
+        raise _not_ours()
     return values
+
+
+def _not_ours() -> BadRequest:
+    return BadRequest("cursor is not one this API issued")
+
+
+@dataclass(frozen=True)
+class Keyset:
+    """Keyset pagination: rows in the order of `columns` (unique together), all
+    ascending or all descending. A page's cursor holds its last row's values of
+    `columns`; the next page starts after them, so rows written in between never
+    shift or repeat a page."""
+
+    columns: tuple[str, ...]
+    types: tuple[type, ...]
+    """Of each column's cursor value: `str`, `int` (0 ≤ n < 2³¹) or `datetime`."""
+    descending: bool = False
+
+    async def page(
+        self,
+        conn: Connection,
+        args: QueryArgs,
+        select: str,
+        where: Sequence[str],
+        values: Sequence[Any],
+        item: Callable[[Any], dict[str, Any]] = dict,
+    ) -> dict[str, Any]:
+        """`{"items", "next_cursor"}`: one page of `select` (`SELECT … FROM …`)
+        filtered by `where` (joined by AND, parameters `values`)."""
+        limit = args.limit()
+        where, values = list(where), list(values)
+        cursor = args.cursor()
+        if cursor is not None:
+            after = self._after(cursor)
+            marks = ", ".join(f"${len(values) + 1 + i}" for i in range(len(after)))
+            values += after
+            compare = "<" if self.descending else ">"
+            where.append(f"({', '.join(self.columns)}) {compare} ({marks})")
+        values.append(limit + 1)
+        direction = " DESC" if self.descending else ""
+        rows = await conn.fetch(
+            f"{select} WHERE {' AND '.join(where)}"
+            f" ORDER BY {', '.join(c + direction for c in self.columns)} LIMIT ${len(values)}",
+            *values,
+        )
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor([_plain(last[column]) for column in self.columns])
+        return {"items": [item(row) for row in rows[:limit]], "next_cursor": next_cursor}
+
+    def check(self, args: QueryArgs) -> None:
+        """Refuse a bad `limit` or `cursor` (400) before anything is looked up."""
+        args.limit()
+        if (cursor := args.cursor()) is not None:
+            self._after(cursor)
+
+    def _after(self, cursor: list[Any]) -> list[Any]:
+        if len(cursor) != len(self.types):
+            raise _not_ours()
+        values: list[Any] = []
+        for value, kind in zip(cursor, self.types, strict=True):
+            if kind is datetime and isinstance(value, str):
+                try:
+                    values.append(datetime.fromisoformat(value))
+                except ValueError:
+                    raise _not_ours() from None
+            elif (kind is int and type(value) is int and 0 <= value < 2**31) or (
+                kind is str and isinstance(value, str)
+            ):
+                values.append(value)
+            else:
+                raise _not_ours()
+        return values
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 class Statements:

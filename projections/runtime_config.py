@@ -8,15 +8,13 @@ its first event; before that every query about it answers 404.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from app.contexts import EVENTS
 from app.contexts.runtime_config import RuntimeConfigReset, RuntimeConfigUpdated, RuntimeFlagUpdated
-from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Projection, Query, QueryArgs, Statements, encode_cursor
+from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements
 
 UPSERT_CONFIG = (
     "INSERT INTO runtime_configs"
@@ -48,6 +46,10 @@ INSERT_HISTORY = (
     " ON CONFLICT DO NOTHING"
 )
 EXISTS = "SELECT 1 FROM runtime_configs WHERE tenant_id = $1 AND module = $2"
+FLAGS = "SELECT module, flag, enabled, updated_at FROM runtime_flags"
+BY_FLAG = Keyset(("flag",), (str,))
+BY_MODULE_AND_FLAG = Keyset(("module", "flag"), (str, str))
+BY_VERSION = Keyset(("version",), (int,))
 
 
 async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
@@ -89,68 +91,30 @@ async def get_config(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_module_flags(conn: Connection, args: QueryArgs) -> Answer:
     module = args.path["module"]
-    limit = args.limit()
+    BY_FLAG.check(args)
     if not await conn.fetchval(EXISTS, args.tenant_id, module):
         return None
-    (after,) = _cursor(args, str) or ("",)
-    rows = await conn.fetch(
-        "SELECT module, flag, enabled, updated_at FROM runtime_flags"
-        " WHERE tenant_id = $1 AND module = $2 AND flag > $3 ORDER BY flag LIMIT $4",
-        args.tenant_id,
-        module,
-        after,
-        limit + 1,
-    )
-    return _page(rows, limit, lambda row: [row["flag"]])
+    where = ["tenant_id = $1", "module = $2"]
+    return await BY_FLAG.page(conn, args, FLAGS, where, [args.tenant_id, module])
 
 
 async def list_all_flags(conn: Connection, args: QueryArgs) -> Answer:
-    limit = args.limit()
-    after = _cursor(args, str, str) or ("", "")
-    rows = await conn.fetch(
-        "SELECT module, flag, enabled, updated_at FROM runtime_flags"
-        " WHERE tenant_id = $1 AND (module, flag) > ($2, $3) ORDER BY module, flag LIMIT $4",
-        args.tenant_id,
-        *after,
-        limit + 1,
-    )
-    return _page(rows, limit, lambda row: [row["module"], row["flag"]])
+    return await BY_MODULE_AND_FLAG.page(conn, args, FLAGS, ["tenant_id = $1"], [args.tenant_id])
 
 
 async def get_history(conn: Connection, args: QueryArgs) -> Answer:
     module = args.path["module"]
-    limit = args.limit()
+    BY_VERSION.check(args)
     if not await conn.fetchval(EXISTS, args.tenant_id, module):
         return None
-    (after,) = _cursor(args, int) or (0,)
-    rows = await conn.fetch(
+    return await BY_VERSION.page(
+        conn,
+        args,
         "SELECT version, event_type AS type, settings, flags, actor, at, change"
-        " FROM runtime_config_history WHERE tenant_id = $1 AND module = $2 AND version > $3"
-        " ORDER BY version LIMIT $4",
-        args.tenant_id,
-        module,
-        after,
-        limit + 1,
+        " FROM runtime_config_history",
+        ["tenant_id = $1", "module = $2"],
+        [args.tenant_id, module],
     )
-    return _page(rows, limit, lambda row: [row["version"]])
-
-
-def _cursor(args: QueryArgs, *types: type) -> tuple[Any, ...] | None:
-    """The cursor's values, checked against `types` (a bool is not an int here)."""
-    values = args.cursor()
-    if values is None:
-        return None
-    if len(values) != len(types) or any(
-        type(value) is not kind for value, kind in zip(values, types, strict=False)
-    ):
-        raise BadRequest("cursor is not one this API issued")
-    return tuple(values)
-
-
-def _page(rows: list[Any], limit: int, key: Callable[[Any], list[Any]]) -> dict[str, Any]:
-    items = [dict(row) for row in rows[:limit]]
-    next_cursor = encode_cursor(key(rows[limit - 1])) if len(rows) > limit else None
-    return {"items": items, "next_cursor": next_cursor}
 
 
 PROJECTION = Projection(

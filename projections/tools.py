@@ -11,22 +11,23 @@ from typing import Any
 
 from app.contexts import EVENTS
 from app.contexts.tools import ToolDeactivated, ToolRegistered, ToolUpdated
-from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Keyset,
     Projection,
     Query,
     QueryArgs,
     Statements,
-    encode_cursor,
 )
 
 COLUMNS = (
     "tool_id, name, description, input_schema, runtime_hints, guardrails, active,"
     " created_at, updated_at, version"
 )
+
+BY_NAME = Keyset(("name", "tool_id"), (str, str))
 
 REGISTER = (
     "INSERT INTO tools (tenant_id, tool_id, name, description, input_schema,"
@@ -97,31 +98,14 @@ async def get_tool(conn: Connection, args: QueryArgs) -> Answer:
 
 
 async def list_tools(conn: Connection, args: QueryArgs) -> Answer:
+    """ListTools; with `?active=true` ListActiveTools (`false`: the deactivated ones)."""
     active = args.choice("active", ("true", "false", "all"), "all")
-    limit = args.limit()
     where = ["tenant_id = $1"]
     values: list[Any] = [args.tenant_id]
     if active != "all":
         values.append(active == "true")
         where.append(f"active = ${len(values)}")
-    cursor = args.cursor()
-    if cursor is not None:
-        if len(cursor) != 2 or not all(isinstance(v, str) for v in cursor):
-            raise BadRequest("cursor is not one this API issued")
-        values += cursor
-        where.append(f"(name, tool_id) > (${len(values) - 1}, ${len(values)})")
-    values.append(limit + 1)
-    rows = await conn.fetch(
-        f"SELECT {COLUMNS} FROM tools WHERE {' AND '.join(where)}"
-        f" ORDER BY name, tool_id LIMIT ${len(values)}",
-        *values,
-    )
-    items = [dict(row) for row in rows[:limit]]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor([last["name"], last["tool_id"]])
-    return {"items": items, "next_cursor": next_cursor}
+    return await BY_NAME.page(conn, args, f"SELECT {COLUMNS} FROM tools", where, values)
 
 
 PROJECTION = Projection(

@@ -14,16 +14,18 @@ from typing import Any
 
 from app.contexts import EVENTS
 from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
-from app.errors import BadRequest
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Projection, Query, QueryArgs, Statements, encode_cursor
+from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements
 
 TRACE_COLUMNS = (
     "trace_id, session_id, status, span_count, started_at, finalized_at,"
     " created_at, updated_at, version"
 )
 SPAN_COLUMNS = "span_id, parent_span_id, name, started_at, ended_at, status, attributes"
+
+NEWEST_FIRST = Keyset(("created_at", "trace_id"), (datetime, str), descending=True)
+IN_APPEND_ORDER = Keyset(("seq",), (int,))
 
 APPEND = (
     "WITH trace AS ("
@@ -95,67 +97,33 @@ async def get_trace(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_traces(conn: Connection, args: QueryArgs) -> Answer:
     """The tenant's traces (of one session with `?session_id=`), newest first."""
-    limit = args.limit()
     where = ["tenant_id = $1"]
     values: list[Any] = [args.tenant_id]
     if args.params.get("session_id"):
         values.append(args.params["session_id"])
         where.append(f"session_id = ${len(values)}")
-    cursor = args.cursor()
-    if cursor is not None:
-        if len(cursor) != 2 or not isinstance(cursor[1], str):
-            raise BadRequest("cursor is not one this API issued")
-        values += [_timestamp(cursor[0]), cursor[1]]
-        where.append(f"(created_at, trace_id) < (${len(values) - 1}, ${len(values)})")
-    values.append(limit + 1)
-    rows = await conn.fetch(
-        f"SELECT {TRACE_COLUMNS} FROM traces WHERE {' AND '.join(where)}"
-        f" ORDER BY created_at DESC, trace_id DESC LIMIT ${len(values)}",
-        *values,
-    )
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor([last["created_at"].isoformat(), last["trace_id"]])
-    return {"items": [dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
+    select = f"SELECT {TRACE_COLUMNS} FROM traces"
+    return await NEWEST_FIRST.page(conn, args, select, where, values)
 
 
 async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
     """A trace's spans in append order; None (404) if the trace does not exist."""
     trace_id = args.path["trace_id"]
-    limit = args.limit()
-    after = _seq(args.cursor() or [0])
+    IN_APPEND_ORDER.check(args)
     exists = await conn.fetchval(
         "SELECT 1 FROM traces WHERE tenant_id = $1 AND trace_id = $2", args.tenant_id, trace_id
     )
     if not exists:
         return None
-    rows = await conn.fetch(
-        f"SELECT seq, {SPAN_COLUMNS} FROM trace_spans"
-        " WHERE tenant_id = $1 AND trace_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-        args.tenant_id,
-        trace_id,
-        after,
-        limit + 1,
+    page = await IN_APPEND_ORDER.page(
+        conn,
+        args,
+        f"SELECT seq, {SPAN_COLUMNS} FROM trace_spans",
+        ["tenant_id = $1", "trace_id = $2"],
+        [args.tenant_id, trace_id],
+        item=lambda row: {k: v for k, v in row.items() if k != "seq"},
     )
-    items = [{k: v for k, v in row.items() if k != "seq"} for row in rows[:limit]]
-    next_cursor = encode_cursor([rows[limit - 1]["seq"]]) if len(rows) > limit else None
-    return {"trace_id": trace_id, "items": items, "next_cursor": next_cursor}
-
-
-def _seq(cursor: list[Any]) -> int:
-    """The span `seq` a cursor of `ListTraceSpans` continues after (0: from the start)."""
-    seq = cursor[0] if len(cursor) == 1 else None
-    if type(seq) is not int or not 0 <= seq < 2**31:
-        raise BadRequest("cursor is not one this API issued")
-    return seq
-
-
-def _timestamp(raw: Any) -> datetime:
-    try:
-        return datetime.fromisoformat(str(raw))
-    except ValueError:
-        raise BadRequest("cursor is not one this API issued") from None
+    return {"trace_id": trace_id, **page}
 
 
 PROJECTION = Projection(

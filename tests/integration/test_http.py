@@ -66,7 +66,11 @@ async def test_a_client_creates_updates_closes_and_archives_a_session(stack) -> 
     )
     assert [s["session_id"] for s in r.json()["items"]] == [session_id]
     r = await c.get(f"/v1/chat-sessions/{session_id}/transcript", headers=auth)
-    assert r.status_code == 200 and r.json() == {"session_id": session_id, "blocks": []}
+    assert r.status_code == 200 and r.json() == {
+        "session_id": session_id,
+        "blocks": [],
+        "next_cursor": None,
+    }
 
     r = await c.get("/v1/commands/create-1", headers=auth)
     assert r.json()["status"] == "processed" and r.json()["type"] == "CreateChatSession"

@@ -143,13 +143,23 @@ async def test_closing_a_session_stops_its_active_streams(stack) -> None:
     assert reasons[streams[0]] == reasons[streams[1]] == "session_closed"
     assert reasons[streams[2]] is None
     r = await stack.client.get(f"/v1/chat-sessions/{session_id}/transcript", headers=auth)
-    assert {b["stream_id"]: b["text"] for b in r.json()["blocks"]} == {
+    r_blocks = r.json()["blocks"]
+    assert {b["stream_id"]: b["text"] for b in r_blocks} == {
         streams[0]: "hi",
         streams[1]: "",
         streams[2]: "",
     }
     r = await stack.client.get(f"/v1/message-streams/{untouched}", headers=auth)
     assert r.json()["status"] == "active"
+    transcript = f"/v1/chat-sessions/{session_id}/transcript"
+    first = (await stack.client.get(transcript, params={"limit": 2}, headers=auth)).json()
+    assert len(first["blocks"]) == 2 and first["next_cursor"]
+    params = {"limit": 2, "cursor": first["next_cursor"]}
+    second = (await stack.client.get(transcript, params=params, headers=auth)).json()
+    assert len(second["blocks"]) == 1 and second["next_cursor"] is None
+    assert [b["stream_id"] for b in first["blocks"] + second["blocks"]] == [
+        b["stream_id"] for b in r_blocks
+    ]
 
 
 async def test_active_streams_are_listed_in_start_order_page_by_page(stack) -> None:
