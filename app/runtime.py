@@ -49,6 +49,10 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit it. Without it, a response written in two parts
+    # (headers, body) waits for the client's delayed ACK: 40 ms per request on a
+    # keep-alive connection (measured: /healthz 43 ms → 0.1 ms).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
