@@ -30,6 +30,9 @@ from tests.guarantees.test_g02_exactly_once import (
     test_the_same_id_submitted_twice_is_one_command,
 )
 from tests.guarantees.test_g03_order import test_concurrent_submissions_keep_their_acceptance_order
+from tests.integration.test_chat_streaming import (
+    test_500_chunks_pushed_over_http_reach_every_subscriber_in_order,
+)
 from tests.integration.test_client_journey import test_the_whole_journey_of_one_chat_session
 from tests.integration.test_fanout import (
     test_a_position_beyond_retention_gets_one_reset,
@@ -37,19 +40,37 @@ from tests.integration.test_fanout import (
     test_events_reach_only_their_tenant_and_topics,
     test_resume_continues_after_the_token_while_events_keep_coming,
 )
+from tests.integration.test_message_streams import (
+    test_a_stream_needs_an_open_session,
+    test_closing_a_session_stops_its_active_streams,
+)
 from tests.integration.test_pipeline import (
     session_row,
     test_create_update_close_archive,
     test_rejected_command_fails_with_its_rule,
 )
+from tests.integration.test_session_streams import (
+    test_a_process_manager_killed_half_way_stops_every_stream_once,
+)
+from tests.integration.test_tools import (
+    test_a_failed_registration_frees_its_name,
+    test_a_name_is_unique_in_its_tenant,
+)
 from tests.pipeline import ADMIN, Pipeline, eventually, running
+from tests.stack import serving
 
 pytestmark = pytest.mark.cluster
 
 __all__ = [
+    "test_500_chunks_pushed_over_http_reach_every_subscriber_in_order",
+    "test_a_failed_registration_frees_its_name",
+    "test_a_name_is_unique_in_its_tenant",
     "test_a_position_beyond_retention_gets_one_reset",
+    "test_a_process_manager_killed_half_way_stops_every_stream_once",
     "test_a_redelivered_command_is_applied_once",
+    "test_a_stream_needs_an_open_session",
     "test_a_token_resumes_exactly_from_every_delivery",
+    "test_closing_a_session_stops_its_active_streams",
     "test_concurrent_submissions_keep_their_acceptance_order",
     "test_create_update_close_archive",
     "test_events_reach_only_their_tenant_and_topics",
@@ -63,6 +84,12 @@ __all__ = [
 @pytest.fixture
 def settings(redis_cluster_url: str, database_url: str) -> Settings:
     return fresh_settings(redis_cluster_url, database_url)
+
+
+@pytest.fixture
+async def stack(settings: Settings, schema: str) -> Any:
+    async with serving(settings) as s:
+        yield s
 
 
 async def test_the_shards_span_several_slots_and_nodes(settings: Settings, redis: Redis) -> None:
