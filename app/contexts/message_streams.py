@@ -5,8 +5,9 @@ Pure domain code: no I/O, nothing from `streams` or `projections`.
 - `seq` starts at 1 and has no gaps. A repeated `seq` with the same chunk is a
   no-op (processed, no event): a client that retries a push without an
   `Idempotency-Key` cannot double a chunk. A gap or a changed repeat is rejected.
-- The state keeps an 8-byte BLAKE2b digest per chunk, not the text: deciding a
-  push loads the state, and the text can grow long. The text is assembled by the
+- The state keeps an 8-byte BLAKE2b digest per chunk, not the text, packed in
+  one `bytes` (base64 in JSON, 10.7 bytes per chunk): deciding a push loads the
+  state, and a stream can have thousands of chunks. The text is assembled by the
   projection, which writes the transcript block when the stream stops.
 - A stream may only start in an open chat session: `related` hands `decide` the
   session's state. The session can close right after; the process manager in
@@ -81,12 +82,22 @@ class MessageStream(State, frozen=True, kw_only=True):
     status: StreamStatus
     session_id: str
     participant_id: str
-    digests: tuple[str, ...] = ()
-    """One per chunk pushed, in `seq` order."""
+    digests: bytes = b""
+    """`DIGEST_SIZE` bytes per chunk pushed, in `seq` order."""
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.digests) // DIGEST_SIZE
+
+    def digest_of(self, seq: int) -> bytes:
+        return self.digests[(seq - 1) * DIGEST_SIZE : seq * DIGEST_SIZE]
 
 
-def digest(chunk: str) -> str:
-    return hashlib.blake2b(chunk.encode(), digest_size=8).hexdigest()
+DIGEST_SIZE = 8
+
+
+def digest(chunk: str) -> bytes:
+    return hashlib.blake2b(chunk.encode(), digest_size=DIGEST_SIZE).digest()
 
 
 def decide(state: MessageStream | None, command: Command, issued: Issued) -> list[Event]:
@@ -109,9 +120,9 @@ def decide(state: MessageStream | None, command: Command, issued: Issued) -> lis
             ]
         case PushStreamMessage():
             stream = _active(state, command.stream_id)
-            count = len(stream.digests)
+            count = stream.chunk_count
             if command.seq <= count:
-                if stream.digests[command.seq - 1] == digest(command.chunk):
+                if stream.digest_of(command.seq) == digest(command.chunk):
                     return []  # a repeat: already there
                 raise Rejected("changed_repeat", f"chunk {command.seq} was pushed with other text")
             if command.seq > count + 1:
@@ -127,7 +138,7 @@ def decide(state: MessageStream | None, command: Command, issued: Issued) -> lis
                 MessageStreamStopped(
                     stream_id=command.stream_id,
                     session_id=stream.session_id,
-                    chunk_count=len(stream.digests),
+                    chunk_count=stream.chunk_count,
                     reason=command.reason,
                 )
             ]
@@ -150,7 +161,7 @@ def evolve(state: MessageStream | None, event: Event) -> MessageStream:
             )
         case StreamMessagePushed():
             assert state is not None
-            return msgspec.structs.replace(state, digests=(*state.digests, digest(event.chunk)))
+            return msgspec.structs.replace(state, digests=state.digests + digest(event.chunk))
         case MessageStreamStopped():
             assert state is not None
             return msgspec.structs.replace(state, status="stopped")
