@@ -1,8 +1,9 @@
 """Query routes, built from the projections' declared queries.
 
 Every query accepts `?after=<position>` (or `X-After-Position`): the answer waits
-until the projection has committed that position, up to `EDDY_AFTER_TIMEOUT_S`,
-then answers 504 `stale`.
+until every projection whose tables the query reads (its own, and those it names
+in `also_from`) has committed that position, up to `EDDY_AFTER_TIMEOUT_S`, then
+answers 504 `stale`.
 """
 
 from __future__ import annotations
@@ -23,29 +24,33 @@ from streams.consumer import poll
 from streams.positions import parse_event_position
 
 
-async def wait_for(services: Services, projection: Projection, position: str) -> None:
-    """Return once `projection` reflects every event up to `position`; else raise `Stale`."""
+async def wait_for(services: Services, projections: Sequence[Projection], position: str) -> None:
+    """Return once `projections` reflect every event up to `position`; else raise `Stale`."""
     shard, entry = parse_event_position(position, BY_NAME, services.settings.shards)
-    if shard.context not in projection.contexts:
-        return  # the projection never reads that stream: nothing to wait for
-    reached = await poll(
-        lambda: db.reached(services.pool, projection.name, shard, entry),
-        bool,
-        within_s=services.settings.after_timeout_s,
-        first_s=0.005,
-        cap_s=0.1,
-    )
-    if not reached:
-        raise Stale(f"{projection.name} has not reached {position} yet")
+    # A projection that never reads that stream has nothing to wait for.
+    waiting = [p.name for p in projections if shard.context in p.contexts]
+
+    async def reached() -> bool:
+        for name in waiting:
+            if not await db.reached(services.pool, name, shard, entry):
+                return False
+        return True
+
+    if waiting and not await poll(
+        reached, bool, within_s=services.settings.after_timeout_s, first_s=0.005, cap_s=0.1
+    ):
+        raise Stale(f"{', '.join(waiting)} has not reached {position} yet")
 
 
-def query_route(projection: Projection, query: Query) -> Route:
+def query_route(projections: Sequence[Projection], query: Query) -> Route:
+    """The route of `query`; `projections`: every projection whose tables it reads."""
+
     async def endpoint(request: Request) -> Response:
         services: Services = request.app.state.services
         principal = authenticate(request, services.settings.jwt_secret)
         after = request.query_params.get("after") or request.headers.get("x-after-position")
         if after:
-            await wait_for(services, projection, after)
+            await wait_for(services, projections, after)
         args = QueryArgs(
             tenant_id=principal.tenant,
             path=request.path_params,
@@ -62,4 +67,9 @@ def query_route(projection: Projection, query: Query) -> Route:
 
 
 def query_routes(projections: Sequence[Projection]) -> list[Route]:
-    return [query_route(p, q) for p in projections for q in p.queries]
+    by_name = {p.name: p for p in projections}
+    return [
+        query_route([p, *(by_name[name] for name in q.also_from)], q)
+        for p in projections
+        for q in p.queries
+    ]

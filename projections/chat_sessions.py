@@ -137,7 +137,10 @@ PROJECTION = Projection(
         Query("ListChatSessionsByAgent", "/v1/chat-sessions", list_sessions),
         Query("GetChatSessionById", "/v1/chat-sessions/{session_id}", get_session),
         Query(
-            "GetChatSessionTranscript", "/v1/chat-sessions/{session_id}/transcript", get_transcript
+            "GetChatSessionTranscript",
+            "/v1/chat-sessions/{session_id}/transcript",
+            get_transcript,
+            also_from=("message_streams",),  # it writes the transcript blocks
         ),
     ),
 )

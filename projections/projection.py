@@ -169,6 +169,8 @@ class Query:
     path: str
     """The HTTP route (`/v1/chat-sessions/{session_id}`)."""
     run: Callable[[Connection, QueryArgs], Awaitable[Answer]]
+    also_from: tuple[str, ...] = ()
+    """Other projections whose tables the query reads: `?after=` waits for them too."""
 
 
 @dataclass(frozen=True)
