@@ -8,7 +8,7 @@ command type (404), the roles (403), the body size (413), JSON (400), the schema
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -20,6 +20,8 @@ from app.errors import BadRequest, Invalid, Malformed, NotFound, TooLarge, Unkno
 from app.messages import CommandRecord, derived_id, new_id, utcnow
 from app.services import Services, json_response
 from streams.bus import FINAL, CommandStatus
+
+T = TypeVar("T")
 
 MAX_ID_LENGTH = 128
 MAX_DEPTH = 32
@@ -43,26 +45,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_command(command_type: CommandType, body: bytes) -> Any:
-    """Decode and validate a payload: `Malformed` (400) or `Invalid` (422, with the field path)."""
+def decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, subject: str, name: str) -> T:
+    """Decode JSON with `decoder`, or raise what a client is told: `Malformed` (400:
+    not JSON, not an object, nested too deeply) or `Invalid` (422, with the field's
+    path). `subject` names what was sent ("body"), `name` what it should be."""
     try:
-        command = command_type.decoder.decode(body)
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         match = _ERROR_PATH.match(str(exc))
         assert match is not None
         message, path = match["message"], match["path"] or "$"
         if path == "$" and message.startswith("Expected `object`"):
-            raise Malformed(f"body must be a JSON object: {exc}") from None
+            raise Malformed(f"{subject} must be a JSON object: {exc}") from None
         named = _FIELD_NAME.search(message)
         if named:  # a missing or unknown field: point at the field itself
             path = f"{path}.{named[1]}"
-        raise Invalid(
-            f"{command_type.name}: {exc}", fields=[{"path": path, "message": message}]
-        ) from None
+        raise Invalid(f"{name}: {exc}", fields=[{"path": path, "message": message}]) from None
     except msgspec.DecodeError as exc:
-        raise Malformed(f"body is not JSON: {exc}") from None
+        raise Malformed(f"{subject} is not JSON: {exc}") from None
     except RecursionError:
         raise Malformed(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+
+
+def parse_command(command_type: CommandType, body: bytes) -> Any:
+    """Decode and validate a payload: `Malformed` (400) or `Invalid` (422, with the field path)."""
+    command = decode(command_type.decoder, body, "body", command_type.name)
     check_values(command)
     return command
 

@@ -125,3 +125,15 @@ class Rejected(EddyError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Refused(EddyError):
+    """A WebSocket frame the socket's state does not allow: `already_subscribed`,
+    `not_subscribed`, `too_many_subscriptions`, `too_many_pending` (an error frame;
+    the socket stays open)."""
+
+    status = 409
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.responses import Response
 
 from app.settings import Settings
@@ -36,6 +36,17 @@ class Metrics:
             "eddy_http_request_seconds",
             "HTTP request latency by endpoint and status.",
             ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ws_connections = Gauge(
+            "eddy_ws_connections",
+            "Open WebSocket connections.",
+            registry=self.registry,
+        )
+        self.ws_frames = Counter(
+            "eddy_ws_frames",
+            "WebSocket frames received (`in`) and sent (`out`).",
+            ["direction"],
             registry=self.registry,
         )
 

@@ -53,6 +53,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`EDDY_SUBSCRIBER_BUFFER`: events buffered per SSE/WS client before it is cut off."""
     send_timeout_s: float = 10.0
     """`EDDY_SEND_TIMEOUT_S`: a write to a client that takes longer cuts the client off."""
+    ws_frames_per_s: float = 200.0
+    """`EDDY_WS_FRAMES_PER_S`: frames a WebSocket client may send per second, sustained
+    (a token bucket per connection); a client over it is closed with 1008."""
+    ws_burst: int = 1000
+    """`EDDY_WS_BURST`: frames a WebSocket client may send at once above the sustained rate."""
+    ws_max_subscriptions: int = 32
+    """`EDDY_WS_MAX_SUBSCRIPTIONS`: topics one WebSocket may subscribe to at a time."""
+    ws_max_pending: int = 1000
+    """`EDDY_WS_MAX_PENDING`: commands one WebSocket may have awaiting their result."""
     log_level: str = "info"
     """`EDDY_LOG_LEVEL`: debug, info, warning or error."""
 

@@ -21,10 +21,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import commands, sse
+from app import commands, sse, ws
 from app.contexts import CONTEXTS
 from app.errors import EddyError
 from app.openapi import openapi, schema_document
@@ -180,6 +180,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/commands/{command_id}", commands.status, methods=["GET"]),
         Route("/v1/commands/{type}", commands.submit, methods=["POST"]),
         Route("/v1/events/stream", sse.event_stream, methods=["GET"]),
+        WebSocketRoute("/v1/ws", ws.endpoint),
         *query_routes(PROJECTIONS),
     ]
     app = Starlette(

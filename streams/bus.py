@@ -214,34 +214,52 @@ class CommandBus:
 
     async def status(self, tenant_id: str, command_id: str) -> CommandStatus | None:
         """The command's status, or None if this tenant has no such command."""
+        (found,) = await self.statuses(tenant_id, [command_id])
+        return found
+
+    async def statuses(self, tenant_id: str, command_ids: list[str]) -> list[CommandStatus | None]:
+        """The statuses of many commands of one tenant, in two round trips (the
+        locators, then the status hashes); None where `status()` would say None."""
+        if not command_ids:
+            return []
         try:
-            where: bytes | None = await self.redis.get(  # type: ignore[assignment]
-                self.keys.command_locator(tenant_id, command_id)
-            )
-            if where is None:
-                return None
-            context, number, command_type = where.decode().split(":")
-            shard = Shard(context, int(number))
-            fields: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[assignment]
-                self.keys.command_status(shard, tenant_id, command_id)
-            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command_id in command_ids:
+                    pipe.get(self.keys.command_locator(tenant_id, command_id))
+                wheres: list[bytes | None] = await pipe.execute()
+            located = [
+                (command_id, where.decode().split(":"))
+                for command_id, where in zip(command_ids, wheres, strict=True)
+                if where is not None
+            ]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command_id, (context, number, _type) in located:
+                    shard = Shard(context, int(number))
+                    pipe.hgetall(self.keys.command_status(shard, tenant_id, command_id))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from exc
-        if not fields:
-            return None
-        get = {k.decode(): v.decode() for k, v in fields.items()}
-        entry = get.get("position")
-        return CommandStatus(
-            command_id=command_id,
-            type=command_type,
-            status=get["status"],
-            aggregate_id=get.get("aggregate_id", ""),
-            error=msgspec.json.decode(get["error"]) if get.get("error") else None,
-            events=get["events"].split(",") if get.get("events") else None,
-            position=event_position(shard, entry) if entry else None,
-            shard=shard,
-            entry=entry,
-        )
+        found: dict[str, CommandStatus] = {}
+        for (command_id, (context, number, command_type)), fields in zip(
+            located, hashes, strict=True
+        ):
+            if not fields:
+                continue
+            shard = Shard(context, int(number))
+            get = {k.decode(): v.decode() for k, v in fields.items()}
+            entry = get.get("position")
+            found[command_id] = CommandStatus(
+                command_id=command_id,
+                type=command_type,
+                status=get["status"],
+                aggregate_id=get.get("aggregate_id", ""),
+                error=msgspec.json.decode(get["error"]) if get.get("error") else None,
+                events=get["events"].split(",") if get.get("events") else None,
+                position=event_position(shard, entry) if entry else None,
+                shard=shard,
+                entry=entry,
+            )
+        return [found.get(command_id) for command_id in command_ids]
 
     async def wait(self, tenant_id: str, command_id: str, timeout_s: float) -> CommandStatus | None:
         """Poll the status until it is final or `timeout_s` passes; return the last seen."""
