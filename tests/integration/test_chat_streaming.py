@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from tests.feeds import frames
+from tests.sockets import opened
 from tests.stack import Stack, serving
 
 CHUNKS = 500
@@ -127,3 +128,51 @@ async def test_500_chunks_pushed_over_http_reach_every_subscriber_in_order(stack
     assert results["session"] == EXPECTED
     assert results["stream"] == EXPECTED
     await check_transcript(stack, session_id, stream_id, stopped_at)
+
+
+@asynccontextmanager
+async def ws_subscriber(stack: Stack, topic: str) -> AsyncIterator[AsyncIterator[Any]]:
+    """A WebSocket subscription (subscribed once this yields): its envelopes."""
+    async with opened(stack, roles=("observer",)) as client:
+        answer = await client.ask({"op": "subscribe", "topic": topic})
+        assert answer["op"] == "subscribed", answer
+
+        async def envelopes() -> AsyncIterator[Any]:
+            while True:
+                frame = await client.next()
+                if frame["op"] == "event":
+                    yield frame["event"]
+
+        yield envelopes()
+
+
+async def test_500_chunks_pushed_over_a_websocket_reach_every_subscriber_in_order(stack) -> None:
+    session_id, stream_id = await ready_stream(stack)
+    results: dict[str, list[tuple[int, str]]] = {}
+    async with (
+        ws_subscriber(stack, f"session/{session_id}") as over_ws,
+        sse_subscriber(stack, f"message_streams/{stream_id}") as over_sse,
+        opened(stack) as pusher,
+    ):
+        with anyio.fail_after(WITHIN_S):
+            async with anyio.create_task_group() as tg:
+
+                async def collect(name: str, envelopes: AsyncIterator[Any]) -> None:
+                    results[name] = await until_stopped(envelopes, stream_id)
+
+                tg.start_soon(collect, "ws", over_ws)
+                tg.start_soon(collect, "sse", over_sse)
+                # Pushed without waiting for any answer, as a token stream would be.
+                for seq in range(1, CHUNKS + 1):
+                    payload = {"stream_id": stream_id, "seq": seq, "chunk": chunk(seq)}
+                    await pusher.send(
+                        {"op": "command", "type": "PushStreamMessage", "payload": payload}
+                    )
+                stopped = await pusher.command("StopMessageStream", {"stream_id": stream_id})
+                assert stopped["status"] == "processed", stopped
+    results_of_pushes = [f for f in pusher.skipped if f["op"] == "result"]
+    assert len(results_of_pushes) == CHUNKS
+    assert all(f["status"] == "processed" for f in results_of_pushes)
+    assert results["ws"] == EXPECTED
+    assert results["sse"] == EXPECTED
+    await check_transcript(stack, session_id, stream_id, stopped["position"])

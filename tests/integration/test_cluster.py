@@ -31,9 +31,11 @@ from tests.guarantees.test_g02_exactly_once import (
 )
 from tests.guarantees.test_g03_order import test_concurrent_submissions_keep_their_acceptance_order
 from tests.integration.test_chat_streaming import (
+    test_500_chunks_pushed_over_a_websocket_reach_every_subscriber_in_order,
     test_500_chunks_pushed_over_http_reach_every_subscriber_in_order,
 )
 from tests.integration.test_client_journey import test_the_whole_journey_of_one_chat_session
+from tests.integration.test_every_command_and_query import test_every_command_and_every_query
 from tests.integration.test_fanout import (
     test_a_position_beyond_retention_gets_one_reset,
     test_a_token_resumes_exactly_from_every_delivery,
@@ -62,6 +64,7 @@ from tests.stack import serving
 pytestmark = pytest.mark.cluster
 
 __all__ = [
+    "test_500_chunks_pushed_over_a_websocket_reach_every_subscriber_in_order",
     "test_500_chunks_pushed_over_http_reach_every_subscriber_in_order",
     "test_a_failed_registration_frees_its_name",
     "test_a_name_is_unique_in_its_tenant",
@@ -74,6 +77,7 @@ __all__ = [
     "test_concurrent_submissions_keep_their_acceptance_order",
     "test_create_update_close_archive",
     "test_events_reach_only_their_tenant_and_topics",
+    "test_every_command_and_every_query",
     "test_rejected_command_fails_with_its_rule",
     "test_resume_continues_after_the_token_while_events_keep_coming",
     "test_the_same_id_submitted_twice_is_one_command",
