@@ -8,8 +8,9 @@ command workers are additionally fenced by the lease inside `apply.lua`, so a
 paused process that lost its lease cannot write.
 
 Every process of a role heartbeats into a sorted set; each aims at its fair share
-`ceil(shards / live processes)`, releases what is over it and takes free shards
-up to it, so any number of processes converge to an even split.
+of every context, `ceil(the context's shards / live processes)`, releases what is
+over it and takes free shards up to it, so any number of processes converge to an
+even split of each context (a busy context is spread like a quiet one).
 
 ```
 tick ─▶ heartbeat ─▶ renew held leases ─▶ lost one? cancel its unit
@@ -107,6 +108,9 @@ class Balancer:
         self.keys = keys
         self.role = role
         self.shards = list(shards)
+        self._by_context: dict[str, list[Shard]] = {}
+        for shard in self.shards:
+            self._by_context.setdefault(shard.context, []).append(shard)
         self.unit = unit
         self.ttl_ms = ttl_ms
         self.member = member
@@ -143,7 +147,6 @@ class Balancer:
             pipe.zcard(members)
             *_, count = await pipe.execute()
         alive = max(1, int(count))
-        fair = math.ceil(len(self.shards) / alive)
 
         for shard, running in list(self.running.items()):
             if running.done.is_set():
@@ -151,25 +154,30 @@ class Balancer:
             elif not await running.lease.renew():
                 log.warning("shard-lease-lost role=%s shard=%s", self.role, shard.name)
                 await self._stop(shard)
-        while len(self.running) > fair:
-            shard = max(self.running, key=lambda s: (s.context, s.number))
-            log.info("shard-handed-over role=%s shard=%s", self.role, shard.name)
-            await self._stop(shard)
-        free = [s for s in self.shards if s not in self.running]
-        random.shuffle(free)
-        for shard in free:
-            if len(self.running) >= fair:
-                break
-            lease = ShardLease(
-                self.redis,
-                self.scripts,
-                self.keys.lease(shard, self.role),
-                self.member,
-                self.ttl_ms,
-            )
-            if await lease.acquire():
-                log.info("shard-taken role=%s shard=%s", self.role, shard.name)
-                self._start(tg, shard, lease)
+        for context, shards in self._by_context.items():
+            fair = math.ceil(len(shards) / alive)
+            held = [s for s in self.running if s.context == context]
+            while len(held) > fair:
+                shard = max(held, key=lambda s: s.number)
+                held.remove(shard)
+                log.info("shard-handed-over role=%s shard=%s", self.role, shard.name)
+                await self._stop(shard)
+            free = [s for s in shards if s not in self.running]
+            random.shuffle(free)
+            for shard in free:
+                if len(held) >= fair:
+                    break
+                lease = ShardLease(
+                    self.redis,
+                    self.scripts,
+                    self.keys.lease(shard, self.role),
+                    self.member,
+                    self.ttl_ms,
+                )
+                if await lease.acquire():
+                    log.info("shard-taken role=%s shard=%s", self.role, shard.name)
+                    self._start(tg, shard, lease)
+                    held.append(shard)
 
     def _start(self, tg: TaskGroup, shard: Shard, lease: ShardLease) -> None:
         running = _Running(lease=lease, scope=anyio.CancelScope())

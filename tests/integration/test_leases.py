@@ -79,3 +79,32 @@ async def test_members_divide_the_shards_and_take_over_a_dead_one(settings, redi
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_each_context_is_divided_evenly(settings, redis) -> None:
+    """Fair shares per context: one process never ends up with every shard of a
+    busy context while another holds only quiet ones."""
+    keys = Keys(settings.key_prefix, 4)
+    scripts = Scripts(redis)
+    contexts = ("chat_sessions", "traces", "tools")
+    shards = [s for c in contexts for s in keys.shards_of(c)]
+    owners = Owners()
+
+    def balancer(member: str) -> Balancer:
+        unit = owners.unit(member)
+        return Balancer(redis, scripts, keys, "worker", shards, unit, ttl_ms=1500, member=member)
+
+    def split() -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for shard, member in owners.running.items():
+            counts[member, shard.context] = counts.get((member, shard.context), 0) + 1
+        return counts
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(balancer("a").run)
+        await eventually(lambda: _true(owners.count("a") == 12))
+        tg.start_soon(balancer("b").run)
+        even = {(m, c): 2 for m in "ab" for c in contexts}
+        await eventually(lambda: _true(split() == even), within=10)
+        assert owners.overlaps == 0
+        tg.cancel_scope.cancel()
