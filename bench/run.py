@@ -17,6 +17,10 @@ the next phase starts. Eddy and its baselines go through the same steps:
 4. Latency: one POST per command at `--rate`/s for `--latency-duration` s, until
    an SSE client on topic `chat_sessions` has its event (by
    `metadata.command_id`); the baseline is XADD → relay → XREAD at the same rate.
+5. Chat streaming: one message pushed chunk by chunk (`PushStreamMessage` frames
+   on a WebSocket) at `--rate` chunks/s for `--latency-duration` s, timed from
+   each frame's send until a WebSocket subscriber and an SSE subscriber of the
+   stream's topic have its event (`bench/chat.py`); same baseline as 4.
 
 Eddy's processes are configured only by environment variables (`PORT`,
 `REDIS_URL`, `DATABASE_URL`, `EDDY_KEY_PREFIX`, `EDDY_DB_SCHEMA`,
@@ -55,7 +59,7 @@ import uvloop
 from app.auth import issue_token
 from app.messages import CommandRecord
 from app.settings import Settings
-from bench import load
+from bench import chat, load
 from bench.procs import CpuMeter, Proc, free_port, running, wait_http
 from bench.report import Figure, cpu_table, table
 from streams.keys import Keys
@@ -481,6 +485,7 @@ class Bench:
                 stages = {"worker": applied, "projector": projected}
                 await self.live("eddy-http-live", port, procs, stages)
                 await self.sse_latency(port, procs)
+                await self.chat_latency(port, procs)
         finally:
             await db.close()
 
@@ -498,6 +503,25 @@ class Bench:
         finally:
             feed.cancel()
             await ended(feed)
+
+    async def chat_latency(self, port: int, procs: Sequence[Proc]) -> None:
+        phase = "eddy-chat-ws"
+
+        async def paced(push: Callable[[str], Awaitable[object]], by_ws: dict[str, float]) -> None:
+            await self.paced(phase, procs, push, by_ws)
+
+        got = await chat.stream_chunks(f"127.0.0.1:{port}", self.token, paced)
+        sse = chat.latencies(got["sent"], got["sse"])
+        self.phases[phase] |= {
+            "sse_received": len(sse),
+            "sse_p50_ms": load.percentile(sse, 0.5) * 1000,
+            "sse_p99_ms": load.percentile(sse, 0.99) * 1000,
+        }
+        result = self.phases[phase]
+        self.say(
+            f"{phase}: SSE {len(sse)}/{result['sent']} delivered,"
+            f" p50 {result['sse_p50_ms']:.2f} ms, p99 {result['sse_p99_ms']:.2f} ms"
+        )
 
     # -- the whole run -------------------------------------------------------------------
 
@@ -580,6 +604,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
     alone, live = phases["eddy-http-alone"], phases["eddy-http-live"]
     worker, projector = phases["eddy-worker-drain"], phases["eddy-projector-drain"]
     sse = phases["eddy-sse-latency"]
+    chunks = phases["eddy-chat-ws"]
     live_cpu, a_live_cpu = live["cpu_us_per_command"], a_live["cpu_us_per_command"]
     xadd_http = "Starlette + 1 XADD per request"
     relay = "relay: XREADGROUP→XADD→XACK"
@@ -610,6 +635,14 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
                "XADD→relay→XREAD"),
         figure(f"POST → SSE event p99 {at}", "ms", sse["p99_ms"], hops["p99_ms"],
                "XADD→relay→XREAD"),
+        figure(f"chunk push (WS) → WS subscriber p50 {at}", "ms", chunks["p50_ms"],
+               hops["p50_ms"], "XADD→relay→XREAD"),
+        figure(f"chunk push (WS) → WS subscriber p99 {at}", "ms", chunks["p99_ms"],
+               hops["p99_ms"], "XADD→relay→XREAD"),
+        figure(f"chunk push (WS) → SSE subscriber p50 {at}", "ms", chunks["sse_p50_ms"],
+               hops["p50_ms"], "XADD→relay→XREAD"),
+        figure(f"chunk push (WS) → SSE subscriber p99 {at}", "ms", chunks["sse_p99_ms"],
+               hops["p99_ms"], "XADD→relay→XREAD"),
         figure(f"POST → 202 p50 {at}", "ms", sse["reply_p50_ms"], hops["reply_p50_ms"],
                "XADD reply"),
         figure(f"POST → 202 p99 {at}", "ms", sse["reply_p99_ms"], hops["reply_p99_ms"],
