@@ -1,5 +1,6 @@
 """The process manager that stops a closed session's message streams: exactly
-once per stream, even when it is killed half-way through a session's streams."""
+once per stream, even when it is killed half-way through a session's streams —
+in-process at a chosen submission, and as a real `eddy worker` SIGKILLed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 
 from app.messages import CommandRecord
 from app.reactions import session_streams, stop_command_id
 from streams.bus import Accepted, CommandBus
 from streams.reactor import run_reactors
 from tests.pipeline import ADMIN, Pipeline, eventually, running
+from tests.processes import fleet
 
 STREAMS = 12
 KILLED_AFTER = 5
@@ -130,3 +133,62 @@ async def test_a_stream_started_as_its_session_closes_is_stopped(settings) -> No
             await eventually(stopped)
             tg.cancel_scope.cancel()
         assert len(await records_of(p, "StopMessageStream")) == 1
+
+
+MANY = 600
+
+
+async def stop_commands(p: Pipeline) -> int:
+    """Commands in the message-streams command streams beyond the `MANY` starts."""
+    async with p.redis.pipeline(transaction=False) as pipe:
+        for shard in p.keys.shards_of("message_streams"):
+            pipe.xlen(p.keys.command_stream(shard))
+        lengths = await pipe.execute()
+    return sum(lengths) - MANY
+
+
+@pytest.mark.slow
+async def test_a_worker_process_sigkilled_while_stopping_streams_stops_each_once(
+    settings, redis, tmp_path
+) -> None:
+    """The real thing: `eddy worker` (which runs the process managers) SIGKILLed
+    while it is part-way through stopping a closed session's streams."""
+    async with running(settings, projector=False, reacting=False) as p:
+        created = await p.submit(
+            "CreateChatSession",
+            {"agent_id": "a", "participants": [{"participant_id": "u1", "role": "agent"}]},
+        )
+        session_id = created.aggregate_id
+        await p.outcome(created.command_id)
+        starts = [
+            await p.submit("StartMessageStream", {"session_id": session_id, "participant_id": "u1"})
+            for _ in range(MANY)
+        ]
+        for accepted in starts:
+            assert (await p.outcome(accepted.command_id)).status == "processed"
+    streams = [a.aggregate_id for a in starts]
+
+    p = Pipeline(settings, redis)
+    async with fleet(settings, redis, tmp_path) as f:
+        victim = await f.start("worker")
+        await p.submit("CloseChatSession", {"session_id": session_id})
+        with anyio.fail_after(20):  # kill it once it has issued a third of the stops
+            while True:
+                if await stop_commands(p) >= MANY // 3:
+                    break
+                await anyio.sleep(0.001)
+        await victim.kill()
+        # Measured: killed at 200-202 of the 600 stops.
+        assert await stop_commands(p) < MANY, "the process was not killed half-way"
+        await f.start("worker")
+
+        async def all_processed() -> bool:
+            found = await p.bus.statuses(
+                ADMIN.tenant, [stop_command_id(ADMIN.tenant, s) for s in streams]
+            )
+            return all(s is not None and s.status == "processed" for s in found)
+
+        await eventually(all_processed, within=30)
+        stops = await records_of(p, "StopMessageStream")
+    assert sorted(r.id for r in stops) == sorted(stop_command_id(ADMIN.tenant, s) for s in streams)
+    assert len(await events_of(p, "MessageStreamStopped")) == MANY
