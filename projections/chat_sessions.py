@@ -25,6 +25,7 @@ from projections.projection import (
     Query,
     QueryArgs,
     Statements,
+    one,
 )
 
 COLUMNS = (
@@ -85,12 +86,7 @@ def _update(statements: Statements, env: Envelope, assignments: str, *values: An
 
 
 async def get_session(conn: Connection, args: QueryArgs) -> Answer:
-    row = await conn.fetchrow(
-        f"SELECT {COLUMNS} FROM chat_sessions WHERE tenant_id = $1 AND session_id = $2",
-        args.tenant_id,
-        args.path["session_id"],
-    )
-    return None if row is None else dict(row)
+    return await one(conn, f"SELECT {COLUMNS} FROM chat_sessions", "session_id", args)
 
 
 async def list_sessions(conn: Connection, args: QueryArgs) -> Answer:

@@ -27,6 +27,7 @@ from projections.projection import (
     Query,
     QueryArgs,
     Statements,
+    one,
 )
 
 COLUMNS = (
@@ -127,12 +128,7 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
 
 
 async def get_stream(conn: Connection, args: QueryArgs) -> Answer:
-    row = await conn.fetchrow(
-        f"SELECT {COLUMNS} FROM message_streams WHERE tenant_id = $1 AND stream_id = $2",
-        args.tenant_id,
-        args.path["stream_id"],
-    )
-    return None if row is None else dict(row)
+    return await one(conn, f"SELECT {COLUMNS} FROM message_streams", "stream_id", args)
 
 
 async def list_streams(conn: Connection, args: QueryArgs) -> Answer:

@@ -162,6 +162,15 @@ Answer = dict[str, Any] | None
 """A query's answer; None means 404."""
 
 
+async def one(conn: Connection, select: str, id_column: str, args: QueryArgs) -> Answer:
+    """The tenant's row of `select` (`SELECT … FROM …`) whose `id_column` equals the
+    path parameter of that name, as a dict; None (404) if there is none."""
+    row = await conn.fetchrow(
+        f"{select} WHERE tenant_id = $1 AND {id_column} = $2", args.tenant_id, args.path[id_column]
+    )
+    return None if row is None else dict(row)
+
+
 @dataclass(frozen=True)
 class Query:
     name: str

@@ -14,7 +14,7 @@ from app.contexts import EVENTS
 from app.contexts.runtime_config import RuntimeConfigReset, RuntimeConfigUpdated, RuntimeFlagUpdated
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements
+from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements, one
 
 UPSERT_CONFIG = (
     "INSERT INTO runtime_configs"
@@ -80,13 +80,12 @@ def _record(
 
 
 async def get_config(conn: Connection, args: QueryArgs) -> Answer:
-    row = await conn.fetchrow(
-        "SELECT module, settings, flags, version, updated_at, updated_by"
-        " FROM runtime_configs WHERE tenant_id = $1 AND module = $2",
-        args.tenant_id,
-        args.path["module"],
+    return await one(
+        conn,
+        "SELECT module, settings, flags, version, updated_at, updated_by FROM runtime_configs",
+        "module",
+        args,
     )
-    return None if row is None else dict(row)
 
 
 async def list_module_flags(conn: Connection, args: QueryArgs) -> Answer:

@@ -20,6 +20,7 @@ from projections.projection import (
     Query,
     QueryArgs,
     Statements,
+    one,
 )
 
 COLUMNS = (
@@ -89,12 +90,7 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
 
 
 async def get_tool(conn: Connection, args: QueryArgs) -> Answer:
-    row = await conn.fetchrow(
-        f"SELECT {COLUMNS} FROM tools WHERE tenant_id = $1 AND tool_id = $2",
-        args.tenant_id,
-        args.path["tool_id"],
-    )
-    return None if row is None else dict(row)
+    return await one(conn, f"SELECT {COLUMNS} FROM tools", "tool_id", args)
 
 
 async def list_tools(conn: Connection, args: QueryArgs) -> Answer:

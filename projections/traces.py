@@ -16,7 +16,7 @@ from app.contexts import EVENTS
 from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements
+from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements, one
 
 TRACE_COLUMNS = (
     "trace_id, session_id, status, span_count, started_at, finalized_at,"
@@ -87,12 +87,7 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
 
 
 async def get_trace(conn: Connection, args: QueryArgs) -> Answer:
-    row = await conn.fetchrow(
-        f"SELECT {TRACE_COLUMNS} FROM traces WHERE tenant_id = $1 AND trace_id = $2",
-        args.tenant_id,
-        args.path["trace_id"],
-    )
-    return None if row is None else dict(row)
+    return await one(conn, f"SELECT {TRACE_COLUMNS} FROM traces", "trace_id", args)
 
 
 async def list_traces(conn: Connection, args: QueryArgs) -> Answer:
