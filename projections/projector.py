@@ -25,9 +25,9 @@ from projections import db
 from projections.projection import Projection
 from streams.bus import stamp
 from streams.connection import Redis, Scripts
-from streams.consumer import RETRYABLE, Entry, consume
+from streams.consumer import RETRYABLE, Entry, event_consumers
 from streams.keys import Keys, Shard, projection_group
-from streams.lease import Balancer, ShardLease
+from streams.lease import Balancer
 from streams.positions import entry_id_of
 
 log = logging.getLogger("eddy.projector")
@@ -73,24 +73,16 @@ async def run_projector(
     member = f"projector-{uuid.uuid4().hex[:12]}"
 
     def balancer(projection: Projection) -> Balancer:
-        group = projection_group(projection.name)
-
-        async def unit(shard: Shard, lease: ShardLease) -> None:
-            await consume(
-                redis,
-                keys.event_stream(shard),
-                group,
-                member,
-                ShardProjector(pool, projection, shard).handle,
-                lease=lease,
-                batch=settings.batch_size,
-                claim_idle_ms=settings.claim_idle_ms,
-                retry_on=RETRYABLE_DB,
-            )
-
-        shards = [s for context in projection.contexts for s in keys.shards_of(context)]
-        return Balancer(
-            redis, scripts, keys, group, shards, unit, ttl_ms=settings.lease_ttl_ms, member=member
+        return event_consumers(
+            redis,
+            scripts,
+            keys,
+            settings,
+            group=projection_group(projection.name),
+            contexts=projection.contexts,
+            member=member,
+            handler=lambda shard: ShardProjector(pool, projection, shard).handle,
+            retry_on=RETRYABLE_DB,
         )
 
     async with anyio.create_task_group() as tg:

@@ -1,4 +1,5 @@
-"""The one consumer-group read loop, shared by command workers and projectors.
+"""The one consumer-group read loop, shared by command workers, projectors and
+process managers.
 
 On taking over a shard, the new owner first claims every entry still pending in
 the group (the previous owner's, with XAUTOCLAIM and min-idle 0 — safe because the
@@ -14,15 +15,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 from redis.exceptions import RedisError, ResponseError
 
-from streams.connection import BLOCK_MS, Redis
-from streams.lease import LeaseLost, ShardLease
+from app.settings import Settings
+from streams.connection import BLOCK_MS, Redis, Scripts
+from streams.keys import Keys, Shard
+from streams.lease import Balancer, LeaseLost, ShardLease
 
 log = logging.getLogger("eddy.consumer")
 T = TypeVar("T")
@@ -108,6 +111,40 @@ async def consume(
         except retry_on as exc:
             log.warning("consumer-retry stream=%s error=%r", stream, exc)
             await backoff.sleep()
+
+
+def event_consumers(
+    redis: Redis,
+    scripts: Scripts,
+    keys: Keys,
+    settings: Settings,
+    *,
+    group: str,
+    contexts: Sequence[str],
+    member: str,
+    handler: Callable[[Shard], Handle],
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+) -> Balancer:
+    """One consumer of `group` on each event stream of `contexts` this process owns
+    (a fair share, through leases); `handler(shard)` handles that shard's batches."""
+
+    async def unit(shard: Shard, lease: ShardLease) -> None:
+        await consume(
+            redis,
+            keys.event_stream(shard),
+            group,
+            member,
+            handler(shard),
+            lease=lease,
+            batch=settings.batch_size,
+            claim_idle_ms=settings.claim_idle_ms,
+            retry_on=retry_on,
+        )
+
+    shards = [s for context in contexts for s in keys.shards_of(context)]
+    return Balancer(
+        redis, scripts, keys, group, shards, unit, ttl_ms=settings.lease_ttl_ms, member=member
+    )
 
 
 @dataclass(frozen=True)

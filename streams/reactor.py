@@ -23,9 +23,9 @@ from app.messages import Envelope
 from app.settings import Settings
 from streams.bus import stamp
 from streams.connection import Redis, Scripts
-from streams.consumer import RETRYABLE, Entry, consume
+from streams.consumer import RETRYABLE, Entry, Handle, event_consumers
 from streams.keys import Keys, Shard, reactor_group
-from streams.lease import Balancer, ShardLease
+from streams.lease import Balancer
 
 React = Callable[[Envelope], Awaitable[None]]
 
@@ -48,29 +48,24 @@ async def run_reactors(
     member = f"reactor-{uuid.uuid4().hex[:12]}"
 
     def balancer(reactor: Reactor) -> Balancer:
-        group = reactor_group(reactor.name)
-
-        async def unit(shard: Shard, lease: ShardLease) -> None:
+        def handler(shard: Shard) -> Handle:
             async def handle(entries: list[Entry]) -> list[bytes]:
                 for entry_id, fields in entries:
                     await reactor.react(stamp(shard, entry_id.decode(), fields[b"e"]))
                 return [entry_id for entry_id, _ in entries]
 
-            await consume(
-                redis,
-                keys.event_stream(shard),
-                group,
-                member,
-                handle,
-                lease=lease,
-                batch=settings.batch_size,
-                claim_idle_ms=settings.claim_idle_ms,
-                retry_on=(*RETRYABLE, Unavailable),
-            )
+            return handle
 
-        shards = [s for context in reactor.contexts for s in keys.shards_of(context)]
-        return Balancer(
-            redis, scripts, keys, group, shards, unit, ttl_ms=settings.lease_ttl_ms, member=member
+        return event_consumers(
+            redis,
+            scripts,
+            keys,
+            settings,
+            group=reactor_group(reactor.name),
+            contexts=reactor.contexts,
+            member=member,
+            handler=handler,
+            retry_on=(*RETRYABLE, Unavailable),
         )
 
     async with anyio.create_task_group() as tg:
