@@ -26,6 +26,7 @@ from projections.projection import (
     QueryArgs,
     Statements,
     one,
+    tables,
 )
 
 COLUMNS = (
@@ -127,6 +128,7 @@ async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="chat_sessions",
+    tables=tables("chat_sessions"),
     contexts=("chat_sessions",),
     apply=apply,
     queries=(

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -21,6 +22,9 @@ from asyncpg.pool import PoolConnectionProxy
 
 from streams.keys import Shard
 from streams.positions import EntryId
+
+if TYPE_CHECKING:
+    from projections.projection import Projection
 
 log = logging.getLogger("eddy.db")
 
@@ -60,8 +64,18 @@ def migrations() -> list[tuple[str, str]]:
     return [(entry.name, entry.read_text()) for entry in files]
 
 
-async def migrate(database_url: str, schema: str) -> list[str]:
-    """Create the schema and apply every migration not yet applied; return their names."""
+async def migrate(
+    database_url: str, schema: str, projections: Sequence[Projection] | None = None
+) -> list[str]:
+    """Create the schema, apply every migration not yet applied and create the
+    tables of every projection not yet installed; return what was done.
+
+    A projection installed at another version than it declares is left as it is:
+    it needs a rebuild (`eddy rebuild`), which the projector also starts itself."""
+    if projections is None:
+        from projections import PROJECTIONS
+
+        projections = PROJECTIONS
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -89,6 +103,27 @@ async def migrate(database_url: str, schema: str) -> list[str]:
                     "INSERT INTO eddy_migrations (name, checksum) VALUES ($1, $2)", name, checksum
                 )
                 applied.append(name)
+            installed = {
+                r["name"]: r["version"]
+                for r in await conn.fetch("SELECT name, version FROM eddy_projections")
+            }
+            for projection in projections:
+                version = installed.get(projection.name)
+                if version is None:
+                    await conn.execute(projection.tables)
+                    await conn.execute(
+                        "INSERT INTO eddy_projections (name, version) VALUES ($1, $2)",
+                        projection.name,
+                        projection.version,
+                    )
+                    applied.append(f"tables of {projection.name}")
+                elif version != projection.version:
+                    log.warning(
+                        "projection-needs-rebuild name=%s installed=%s declared=%s",
+                        projection.name,
+                        version,
+                        projection.version,
+                    )
         return applied
     finally:
         await conn.close()

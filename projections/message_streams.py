@@ -28,6 +28,7 @@ from projections.projection import (
     QueryArgs,
     Statements,
     one,
+    tables,
 )
 
 COLUMNS = (
@@ -148,6 +149,7 @@ async def list_streams(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="message_streams",
+    tables=tables("message_streams"),
     contexts=("message_streams",),
     apply=apply,
     queries=(

@@ -1,5 +1,6 @@
-"""What a projection module declares: the contexts it reads, how it applies a
-batch of events inside the projector's transaction, and the queries it answers.
+"""What a projection module declares: the contexts it reads, its tables, how it
+applies a batch of events inside the projector's transaction, and the queries it
+answers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import binascii
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -182,9 +184,19 @@ class Query:
     """Other projections whose tables the query reads: `?after=` waits for them too."""
 
 
+def tables(name: str) -> str:
+    """The DDL of `projections/tables/<name>.sql`: a projection's tables and indexes."""
+    return resources.files("projections").joinpath("tables", f"{name}.sql").read_text()
+
+
 @dataclass(frozen=True)
 class Projection:
     name: str
     contexts: tuple[str, ...]
     apply: Callable[[Connection, list[Envelope]], Awaitable[None]]
     queries: tuple[Query, ...] = ()
+    tables: str = ""
+    """Its tables and indexes (unqualified names): what `eddy migrate` creates, what
+    a rebuild builds again, what `eddy drift check` compares with the database."""
+    version: int = 1
+    """Raise it when the rows' meaning changes: the projection is rebuilt from history."""

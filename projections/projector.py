@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
 import asyncpg
 
+from app.messages import Envelope
 from app.settings import Settings
 from projections import db
+from projections.db import Connection
 from projections.projection import Projection
 from streams.bus import stamp
 from streams.connection import Redis, Scripts
@@ -40,11 +43,32 @@ RETRYABLE_DB: tuple[type[BaseException], ...] = (
 )
 
 
+Applied = Callable[[Connection, Projection, Shard, list[Envelope]], Awaitable[None]]
+"""Runs inside a batch's transaction, after the rows and the checkpoint are written."""
+Committed = Callable[[Projection, Shard, list[Envelope]], Awaitable[None]]
+"""Told, after a batch's COMMIT (before its XACK), which events it projected. A
+batch that fails after COMMIT is acknowledged without telling again: use it for
+what may be lost (waking a refresher), `Applied` for what may not."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    in_transaction: Sequence[Applied] = ()
+    on_commit: Sequence[Committed] = ()
+
+
 class ShardProjector:
-    def __init__(self, pool: db.Pool, projection: Projection, shard: Shard) -> None:
+    def __init__(
+        self,
+        pool: db.Pool,
+        projection: Projection,
+        shard: Shard,
+        hooks: Hooks | None = None,
+    ) -> None:
         self.pool = pool
         self.projection = projection
         self.shard = shard
+        self.hooks = hooks or Hooks()
 
     async def handle(self, entries: list[Entry]) -> list[bytes]:
         ids = [entry_id for entry_id, _ in entries]
@@ -58,6 +82,11 @@ class ShardProjector:
             if fresh:
                 await self.projection.apply(conn, fresh)
                 await db.advance(conn, self.projection.name, self.shard, entry_id_of(ids[-1]))
+                for applied in self.hooks.in_transaction:
+                    await applied(conn, self.projection, self.shard, fresh)
+        if fresh:
+            for tell in self.hooks.on_commit:
+                await tell(self.projection, self.shard, fresh)
         return ids
 
 
@@ -68,8 +97,10 @@ async def run_projector(
     settings: Settings,
     pool: db.Pool,
     projections: Sequence[Projection],
+    hooks: Hooks | None = None,
 ) -> None:
-    """Own a fair share of every projection's shards until cancelled."""
+    """Own a fair share of every projection's shards until cancelled, running
+    `hooks` with every batch (cache invalidation, view refreshes)."""
     member = f"projector-{uuid.uuid4().hex[:12]}"
 
     def balancer(projection: Projection) -> Balancer:
@@ -81,7 +112,7 @@ async def run_projector(
             group=projection_group(projection.name),
             contexts=projection.contexts,
             member=member,
-            handler=lambda shard: ShardProjector(pool, projection, shard).handle,
+            handler=lambda shard: ShardProjector(pool, projection, shard, hooks).handle,
             retry_on=RETRYABLE_DB,
         )
 

@@ -14,7 +14,16 @@ from app.contexts import EVENTS
 from app.contexts.runtime_config import RuntimeConfigReset, RuntimeConfigUpdated, RuntimeFlagUpdated
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements, one
+from projections.projection import (
+    Answer,
+    Keyset,
+    Projection,
+    Query,
+    QueryArgs,
+    Statements,
+    one,
+    tables,
+)
 
 UPSERT_CONFIG = (
     "INSERT INTO runtime_configs"
@@ -118,6 +127,7 @@ async def get_history(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="runtime_config",
+    tables=tables("runtime_config"),
     contexts=("runtime_config",),
     apply=apply,
     queries=(

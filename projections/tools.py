@@ -21,6 +21,7 @@ from projections.projection import (
     QueryArgs,
     Statements,
     one,
+    tables,
 )
 
 COLUMNS = (
@@ -106,6 +107,7 @@ async def list_tools(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="tools",
+    tables=tables("tools"),
     contexts=("tools",),
     apply=apply,
     queries=(

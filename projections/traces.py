@@ -16,7 +16,16 @@ from app.contexts import EVENTS
 from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
 from app.messages import Envelope
 from projections.db import Connection
-from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, Statements, one
+from projections.projection import (
+    Answer,
+    Keyset,
+    Projection,
+    Query,
+    QueryArgs,
+    Statements,
+    one,
+    tables,
+)
 
 TRACE_COLUMNS = (
     "trace_id, session_id, status, span_count, started_at, finalized_at,"
@@ -123,6 +132,7 @@ async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="traces",
+    tables=tables("traces"),
     contexts=("traces",),
     apply=apply,
     queries=(

@@ -14,15 +14,3 @@ CREATE TABLE chat_sessions (
 );
 CREATE INDEX chat_sessions_by_agent ON chat_sessions (tenant_id, agent_id, created_at DESC, session_id DESC);
 CREATE INDEX chat_sessions_by_tenant ON chat_sessions (tenant_id, created_at DESC, session_id DESC);
-
--- One block per stopped message stream (filled by the message-streams projection).
-CREATE TABLE chat_transcript_blocks (
-    tenant_id text NOT NULL,
-    session_id text NOT NULL,
-    stream_id text NOT NULL,
-    participant_id text NOT NULL,
-    text text NOT NULL,
-    started_at timestamptz NOT NULL,
-    stopped_at timestamptz,
-    PRIMARY KEY (tenant_id, session_id, stream_id)
-);
