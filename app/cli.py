@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TextIO
 
 import anyio
 
@@ -18,6 +19,7 @@ from app import runtime
 from app.auth import issue_token
 from app.errors import ConfigurationError
 from app.settings import Settings
+from projections.rebuild import CannotRebuild, RebuildBusy
 
 log = logging.getLogger("eddy")
 
@@ -30,6 +32,30 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("projector", help="keep the read models up to date")
     sub.add_parser("migrate", help="create or upgrade the Postgres tables (the release step)")
     sub.add_parser("dev", help="everything in one process, with embedded Redis and Postgres")
+    status = sub.add_parser(
+        "status", help="every projection's checkpoint, lag and last error, per shard"
+    )
+    status.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    rebuild = sub.add_parser(
+        "rebuild", help="build a projection's tables again from history, then swap them in"
+    )
+    rebuild.add_argument("projection")
+    rebuild.add_argument(
+        "--verify",
+        action="store_true",
+        help="check that the new tables equal the old ones at the swap (slower)",
+    )
+    drift = sub.add_parser(
+        "drift", help="compare the projections' declared tables with the database"
+    )
+    drift_action = drift.add_subparsers(dest="drift", required=True)
+    for action, text in (
+        ("check", "print every difference (exit 1 if there is any)"),
+        ("repair", "fix the safe differences; print what needs a rebuild (exit 1 if any)"),
+    ):
+        drift_action.add_parser(action, help=text).add_argument(
+            "--json", action="store_true", help="one JSON object instead of lines"
+        )
     token = sub.add_parser("token", help="print a JWT for a tenant, subject and roles")
     token.add_argument("--tenant", required=True)
     token.add_argument("--sub", required=True)
@@ -38,6 +64,35 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     return p
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place; a line per phase change elsewhere."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.phase = ""
+
+    def show(self, phase: str, done: int, total: int) -> None:
+        if total:
+            filled = min(self.WIDTH, self.WIDTH * done // total)
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            line = f"{phase:<8} [{bar}] {done:,}/{total:,} ({100 * done // total}%)"
+        else:
+            line = f"{phase:<8} {done:,} events"
+        if self.tty:
+            self.out.write("\r" + line.ljust(72))
+            self.out.flush()
+        elif phase != self.phase:
+            print(line, file=self.out)
+        self.phase = phase
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
 
 
 def configure_logging(level: str) -> None:
@@ -80,6 +135,39 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             applied = anyio.run(runtime.migrate, settings)
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
             return 0
+        if args.command == "status":
+            from projections import PROJECTIONS, status
+
+            try:
+                shards = anyio.run(status.report, settings, PROJECTIONS)
+            except status.UNAVAILABLE as exc:
+                print(f"eddy: cannot read the status: {exc!r}", file=sys.stderr)
+                return 1
+            print(status.to_json(shards) if args.json else status.table(shards))
+            return 0
+        if args.command == "drift":
+            from projections import drift
+
+            run = drift.repair if args.drift == "repair" else drift.check
+            outcome = anyio.run(run, settings.database_url, settings.db_schema)
+            print(outcome.json() if args.json else outcome.text())
+            return outcome.exit_code
+        if args.command == "rebuild":
+            bar = ProgressBar(sys.stderr)
+            report = anyio.run(
+                lambda: runtime.rebuild(
+                    settings, args.projection, verify=args.verify, progress=bar.show
+                )
+            )
+            bar.done()
+            print(
+                f"rebuilt {report.projection} (version {report.version}):"
+                f" {report.events:,} events ({report.from_archive:,} from the archive,"
+                f" {report.from_streams + report.caught_up_at_swap:,} from the streams),"
+                f" tables {', '.join(report.tables)}"
+                + ("" if report.identical is None else f"; identical: {report.identical}")
+            )
+            return 0 if report.identical is not False else 1
         if args.command == "web":
             require_secret(settings)
         process = {
@@ -93,5 +181,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"eddy: {exc.message}", file=sys.stderr)
         return 2
     except ValueError as exc:
+        print(f"eddy: {exc}", file=sys.stderr)
+        return 2
+    except RebuildBusy as exc:
+        print(f"eddy: {exc}", file=sys.stderr)
+        return 1
+    except CannotRebuild as exc:
         print(f"eddy: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,13 @@
 Every query accepts `?after=<position>` (or `X-After-Position`): the answer waits
 until every projection whose tables the query reads (its own, and those it names
 in `also_from`) has committed that position, up to `EDDY_AFTER_TIMEOUT_S`, then
-answers 504 `stale`.
+answers 504 `stale`. A query of a materialized view (`Query.view`) waits until
+the view reflects the position (`projections/views.py`).
+
+A query that declares a `Cache` is answered through `projections/cache.py`
+(unless `EDDY_QUERY_CACHE=off`): after the wait, so the generation it reads
+covers the position waited for. Every outcome is counted in
+`eddy_query_cache_total{query, outcome}`.
 """
 
 from __future__ import annotations
@@ -18,44 +24,66 @@ from app.auth import authenticate
 from app.contexts import BY_NAME
 from app.errors import NotFound, Stale
 from app.services import Services, json_response
-from projections import db
+from projections import VIEWS, db, views
+from projections.cache import QueryCache
 from projections.projection import Projection, Query, QueryArgs
+from projections.views import View
 from streams.consumer import poll
 from streams.positions import parse_event_position
 
 
-async def wait_for(services: Services, projections: Sequence[Projection], position: str) -> None:
-    """Return once `projections` reflect every event up to `position`; else raise `Stale`."""
+async def wait_for(
+    services: Services,
+    projections: Sequence[Projection],
+    position: str,
+    view: View | None = None,
+) -> None:
+    """Return once `projections` (and `view`) reflect every event up to `position`;
+    else raise `Stale`."""
     shard, entry = parse_event_position(position, BY_NAME, services.settings.shards)
     # A projection that never reads that stream has nothing to wait for.
     waiting = [p.name for p in projections if shard.context in p.contexts]
+    watched = view if view is not None and view.feeding(shard) else None
 
     async def reached() -> bool:
         for name in waiting:
             if not await db.reached(services.pool, name, shard, entry):
                 return False
-        return True
+        return watched is None or await views.reflects(services.pool, watched, shard, entry)
 
-    if waiting and not await poll(
+    if (waiting or watched) and not await poll(
         reached, bool, within_s=services.settings.after_timeout_s, first_s=0.005, cap_s=0.1
     ):
-        raise Stale(f"{', '.join(waiting)} has not reached {position} yet")
+        behind = [*waiting, *([f"view {watched.name}"] if watched else [])]
+        raise Stale(f"{', '.join(behind)} has not reached {position} yet")
 
 
-def query_route(projections: Sequence[Projection], query: Query) -> Route:
-    """The route of `query`; `projections`: every projection whose tables it reads."""
+def query_route(
+    projections: Sequence[Projection], query: Query, cache: QueryCache | None = None
+) -> Route:
+    """The route of `query`; `projections`: every projection whose tables it reads;
+    `cache`: the process's answers of cached queries (None: answer from Postgres)."""
+    view = None if query.view is None else {v.name: v for v in VIEWS}[query.view]
 
     async def endpoint(request: Request) -> Response:
         services: Services = request.app.state.services
         principal = authenticate(request, services.settings.jwt_secret)
         after = request.query_params.get("after") or request.headers.get("x-after-position")
         if after:
-            await wait_for(services, projections, after)
+            await wait_for(services, projections, after, view)
         args = QueryArgs(
             tenant_id=principal.tenant,
             path=request.path_params,
             params=request.query_params,
         )
+        if cache is not None and query.cache is not None and services.settings.query_cache == "on":
+            body, outcome = await cache.answer(
+                services.pool, services.redis, services.keys, query, args
+            )
+            services.metrics.query_cache.labels(query.name, outcome).inc()
+            if body is None:
+                raise NotFound(f"{query.name}: not found")
+            return Response(body, media_type="application/json")
         async with services.pool.acquire() as conn:
             answer = await query.run(conn, args)
         if answer is None:
@@ -68,8 +96,9 @@ def query_route(projections: Sequence[Projection], query: Query) -> Route:
 
 def query_routes(projections: Sequence[Projection]) -> list[Route]:
     by_name = {p.name: p for p in projections}
+    cache = QueryCache()
     return [
-        query_route([p, *(by_name[name] for name in q.also_from)], q)
+        query_route([p, *(by_name[name] for name in q.also_from)], q, cache)
         for p in projections
         for q in p.queries
     ]

@@ -21,10 +21,16 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
 from app.contexts import CONTEXTS
+from app.errors import ConfigurationError
 from app.reactions import reactors
 from app.settings import Settings
-from projections import PROJECTIONS, db
+from projections import PROJECTIONS, VIEWS, db
+from projections.cache import Generations
+from projections.projection import Projection
+from projections.projector import Hooks
 from projections.projector import run_projector as project
+from projections.rebuild import Progress, Report, ensure_current, rebuilder
+from projections.views import Refresher
 from streams.bus import CommandBus, check_layout
 from streams.connection import Redis, Scripts, connect
 from streams.consumer import Backoff
@@ -139,9 +145,25 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def run_projector(settings: Settings) -> None:
-    async with _redis(settings) as (redis, scripts), _postgres(settings) as pool:
+    """The projections, and the refresher of the materialized views they feed."""
+    async with (
+        _redis(settings) as (redis, scripts),
+        _postgres(settings) as pool,
+        anyio.create_task_group() as tg,
+    ):
         keys = Keys(settings.key_prefix, settings.shards)
-        await project(redis, scripts, keys, settings, pool, PROJECTIONS)
+        refresher = Refresher(pool, VIEWS, debounce_s=settings.view_debounce_s)
+        hooks = Hooks(
+            in_transaction=[Generations(PROJECTIONS).advance, refresher.record_changes],
+            on_commit=[refresher.mark],
+        )
+        tg.start_soon(refresher.run)
+        make = rebuilder(pool, redis, keys, settings.db_schema)
+
+        async def current(projection: Projection) -> None:
+            await ensure_current(make, pool, projection)
+
+        await project(redis, scripts, keys, settings, pool, PROJECTIONS, hooks, current)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
@@ -184,6 +206,26 @@ async def until_signal(run: Callable[[], Awaitable[None]]) -> None:
                 tg.cancel_scope.cancel()
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+async def rebuild(
+    settings: Settings,
+    name: str,
+    *,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """`eddy rebuild <projection>`: build its tables again from history and swap."""
+    from projections.rebuild import Rebuild
+
+    by_name = {p.name: p for p in PROJECTIONS}
+    if name not in by_name:
+        raise ConfigurationError(f"no projection {name!r}; there are: {', '.join(by_name)}")
+    async with _redis(settings) as (redis, _scripts), _postgres(settings) as pool:
+        keys = Keys(settings.key_prefix, settings.shards)
+        make = rebuilder(pool, redis, keys, settings.db_schema, progress=progress, verify=verify)
+        built: Rebuild = make(by_name[name])
+        return await built.run()
 
 
 async def migrate(settings: Settings) -> list[str]:

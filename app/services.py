@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from app.settings import Settings
 from projections.db import Pool
+from projections.status import StatusCollector
 from streams.bus import CommandBus
 from streams.connection import Redis, Scripts
 from streams.keys import Keys
@@ -47,6 +48,17 @@ class Metrics:
             "eddy_ws_frames",
             "WebSocket frames received (`in`) and sent (`out`).",
             ["direction"],
+            registry=self.registry,
+        )
+        self.projections = StatusCollector()
+        """Every projection's lag and last error per shard (`projections/status.py`),
+        read at scrape time: `/metrics` awaits `projections.refresh` first."""
+        self.registry.register(self.projections)
+        self.query_cache = Counter(
+            "eddy_query_cache",
+            "Answers of cached queries: from Redis (`hit`), from Postgres (`miss`),"
+            " from Postgres while Redis fails (`bypass`).",
+            ["query", "outcome"],
             registry=self.registry,
         )
 

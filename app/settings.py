@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 
@@ -47,6 +48,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`EDDY_MAX_WAIT_S`: upper bound for `?wait=` on command submission."""
     after_timeout_s: float = 5.0
     """`EDDY_AFTER_TIMEOUT_S`: how long a query with `?after=` waits for its read model."""
+    view_debounce_s: float = 0.5
+    """`EDDY_VIEW_DEBOUNCE_S`: a projector refreshes a materialized view this long after
+    the first change that made it stale, at most once per this interval (seconds)."""
+    query_cache: Literal["on", "off"] = "on"
+    """`EDDY_QUERY_CACHE`: `on` keeps the answers of cached queries in Redis
+    (`projections/cache.py`); `off` answers every query from Postgres."""
     sse_keepalive_s: float = 15.0
     """`EDDY_SSE_KEEPALIVE_S`: interval of SSE keep-alive comments."""
     subscriber_buffer: int = 1000

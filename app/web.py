@@ -94,6 +94,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
+    await services.metrics.projections.refresh(
+        services.redis, services.pool, services.keys, PROJECTIONS
+    )
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

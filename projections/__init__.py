@@ -6,8 +6,17 @@ routes are built from this list.
 
 from __future__ import annotations
 
-from projections import chat_sessions, message_streams, runtime_config, tools, traces
+from projections import (
+    archive,
+    chat_sessions,
+    message_streams,
+    runtime_config,
+    tools,
+    traces,
+    views,
+)
 from projections.projection import Projection
+from projections.views import View
 
 PROJECTIONS: tuple[Projection, ...] = (
     chat_sessions.PROJECTION,
@@ -15,4 +24,16 @@ PROJECTIONS: tuple[Projection, ...] = (
     message_streams.PROJECTION,
     runtime_config.PROJECTION,
     tools.PROJECTION,
+    archive.PROJECTION,
 )
+
+VIEWS: tuple[View, ...] = (
+    views.CHAT_SESSION_SUMMARIES,
+    views.SESSION_TRACE_STATS,
+    views.TOOL_USAGE,
+)
+"""Materialized views over the projections' tables (`projections/views.py`):
+`eddy migrate` creates them, the projector refreshes them."""
+
+# Each view's queries are served with those of the first projection it reads.
+PROJECTIONS = views.serving(PROJECTIONS, VIEWS)

@@ -16,10 +16,13 @@ from app.contexts.chat_sessions import (
     ChatSessionCreated,
     ChatSessionParticipantsUpdated,
 )
+from app.contexts.message_streams import MessageStreamStopped
 from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Cache,
+    Invalidation,
     Keyset,
     Projection,
     Query,
@@ -126,19 +129,47 @@ async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
     return {"session_id": session_id, "blocks": page["items"], "next_cursor": page["next_cursor"]}
 
 
+def _session_of(env: Envelope) -> tuple[str] | None:
+    """The session whose transcript a stopped message stream adds a block to."""
+    return None if env.metadata.session_id is None else (env.metadata.session_id,)
+
+
 PROJECTION = Projection(
     name="chat_sessions",
     tables=tables("chat_sessions"),
     contexts=("chat_sessions",),
     apply=apply,
     queries=(
-        Query("ListChatSessionsByAgent", "/v1/chat-sessions", list_sessions),
+        Query(
+            "ListChatSessionsByAgent",
+            "/v1/chat-sessions",
+            list_sessions,
+            cache=Cache(
+                ttl_s=60,
+                invalidated_by=(
+                    Invalidation(
+                        (
+                            ChatSessionCreated,
+                            ChatSessionParticipantsUpdated,
+                            ChatSessionClosed,
+                            ChatSessionArchived,
+                        )
+                    ),
+                ),
+            ),
+        ),
         Query("GetChatSessionById", "/v1/chat-sessions/{session_id}", get_session),
         Query(
             "GetChatSessionTranscript",
             "/v1/chat-sessions/{session_id}/transcript",
             get_transcript,
             also_from=("message_streams",),  # it writes the transcript blocks
+            # per session; a 404 is not cached, so the session's creation changes nothing
+            cache=Cache(
+                ttl_s=60,
+                scope=lambda args: args.path["session_id"],
+                invalidated_by=(Invalidation((MessageStreamStopped,), scopes=_session_of),),
+            ),
         ),
     ),
 )

@@ -124,6 +124,13 @@ async def migrate(
                         version,
                         projection.version,
                     )
+            # The materialized views over those tables (`projections/views.py`).
+            from projections import VIEWS, views
+
+            listed = {p.name for p in projections}
+            applied += await views.install(
+                conn, [v for v in VIEWS if {p.name for p in v.reads} <= listed]
+            )
         return applied
     finally:
         await conn.close()
@@ -142,12 +149,14 @@ async def checkpoint(conn: Connection, projection: str, shard: Shard) -> EntryId
 
 
 async def advance(conn: Connection, projection: str, shard: Shard, entry: EntryId) -> None:
-    """Move a checkpoint forward (never back) inside the caller's transaction."""
+    """Move a checkpoint forward (never back) inside the caller's transaction, and
+    clear the shard's last error (`projections/status.py`): this batch went through."""
     await conn.execute(
         "INSERT INTO eddy_checkpoints (projection, context, shard, entry_ms, entry_seq)"
         " VALUES ($1, $2, $3, $4, $5)"
         " ON CONFLICT (projection, context, shard) DO UPDATE"
-        " SET entry_ms = excluded.entry_ms, entry_seq = excluded.entry_seq, updated_at = now()"
+        " SET entry_ms = excluded.entry_ms, entry_seq = excluded.entry_seq, updated_at = now(),"
+        " last_error = NULL, last_error_at = NULL"
         " WHERE (eddy_checkpoints.entry_ms, eddy_checkpoints.entry_seq)"
         " < (excluded.entry_ms, excluded.entry_seq)",
         projection,

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from app.errors import BadRequest
-from app.messages import Envelope
+from app.messages import Envelope, Event
 from projections.db import Connection
 
 MAX_LIMIT = 500
@@ -174,6 +174,30 @@ async def one(conn: Connection, select: str, id_column: str, args: QueryArgs) ->
 
 
 @dataclass(frozen=True)
+class Invalidation:
+    """Events that change a cached query's answers (see `projections/cache.py`)."""
+
+    events: tuple[type[Event], ...]
+    scopes: Callable[[Envelope], Sequence[str] | None] | None = None
+    """The scopes (`Cache.scope`) whose answers an event changes. Without it, or
+    when it returns None, every answer of the event's tenant."""
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A query's answers may be kept in Redis for `ttl_s` seconds; one is never
+    served once an event of `invalidated_by` that changes it has been projected.
+
+    `invalidated_by` must name every event that changes the rows the query reads
+    (in any projection it reads); `scope` (None: the whole tenant) narrows which
+    answers an `Invalidation` with `scopes` drops."""
+
+    ttl_s: float
+    invalidated_by: tuple[Invalidation, ...]
+    scope: Callable[[QueryArgs], str] | None = None
+
+
+@dataclass(frozen=True)
 class Query:
     name: str
     """The blueprint's name (`GetChatSessionById`)."""
@@ -182,6 +206,11 @@ class Query:
     run: Callable[[Connection, QueryArgs], Awaitable[Answer]]
     also_from: tuple[str, ...] = ()
     """Other projections whose tables the query reads: `?after=` waits for them too."""
+    view: str | None = None
+    """The materialized view it reads (`projections/views.py`): `?after=` waits until
+    the view reflects the position, not only its projections."""
+    cache: Cache | None = None
+    """How its answers are cached (`projections/cache.py`); None: never."""
 
 
 def tables(name: str) -> str:

@@ -26,6 +26,7 @@ from app.settings import Settings
 from projections import db
 from projections.db import Connection
 from projections.projection import Projection
+from projections.status import record_failure
 from streams.bus import stamp
 from streams.connection import Redis, Scripts
 from streams.consumer import RETRYABLE, Entry, event_consumers
@@ -71,22 +72,28 @@ class ShardProjector:
         self.hooks = hooks or Hooks()
 
     async def handle(self, entries: list[Entry]) -> list[bytes]:
+        """Project a batch. A failure is recorded on the shard's checkpoint row
+        (`eddy status`, /metrics), outside the rolled-back transaction, and raised."""
         ids = [entry_id for entry_id, _ in entries]
-        async with self.pool.acquire() as conn, conn.transaction():
-            committed = await db.checkpoint(conn, self.projection.name, self.shard)
-            fresh = [
-                stamp(self.shard, entry_id.decode(), fields[b"e"])
-                for entry_id, fields in entries
-                if entry_id_of(entry_id) > committed
-            ]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                committed = await db.checkpoint(conn, self.projection.name, self.shard)
+                fresh = [
+                    stamp(self.shard, entry_id.decode(), fields[b"e"])
+                    for entry_id, fields in entries
+                    if entry_id_of(entry_id) > committed
+                ]
+                if fresh:
+                    await self.projection.apply(conn, fresh)
+                    await db.advance(conn, self.projection.name, self.shard, entry_id_of(ids[-1]))
+                    for applied in self.hooks.in_transaction:
+                        await applied(conn, self.projection, self.shard, fresh)
             if fresh:
-                await self.projection.apply(conn, fresh)
-                await db.advance(conn, self.projection.name, self.shard, entry_id_of(ids[-1]))
-                for applied in self.hooks.in_transaction:
-                    await applied(conn, self.projection, self.shard, fresh)
-        if fresh:
-            for tell in self.hooks.on_commit:
-                await tell(self.projection, self.shard, fresh)
+                for tell in self.hooks.on_commit:
+                    await tell(self.projection, self.shard, fresh)
+        except Exception as exc:
+            await record_failure(self.pool, self.projection.name, self.shard, exc)
+            raise
         return ids
 
 
@@ -98,9 +105,11 @@ async def run_projector(
     pool: db.Pool,
     projections: Sequence[Projection],
     hooks: Hooks | None = None,
+    prepare: Callable[[Projection], Awaitable[None]] | None = None,
 ) -> None:
     """Own a fair share of every projection's shards until cancelled, running
-    `hooks` with every batch (cache invalidation, view refreshes)."""
+    `hooks` with every batch (cache invalidation, view refreshes). `prepare(p)` is
+    awaited before projecting `p` (a rebuild, when its declared version changed)."""
     member = f"projector-{uuid.uuid4().hex[:12]}"
 
     def balancer(projection: Projection) -> Balancer:
@@ -116,6 +125,11 @@ async def run_projector(
             retry_on=RETRYABLE_DB,
         )
 
+    async def project(projection: Projection) -> None:
+        if prepare is not None:
+            await prepare(projection)
+        await balancer(projection).run()
+
     async with anyio.create_task_group() as tg:
         for projection in projections:
-            tg.start_soon(balancer(projection).run)
+            tg.start_soon(project, projection)

@@ -16,6 +16,8 @@ from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Cache,
+    Invalidation,
     Keyset,
     Projection,
     Query,
@@ -133,7 +135,17 @@ PROJECTION = Projection(
     queries=(
         Query("GetRuntimeConfig", "/v1/runtime-config/{module}", get_config),
         Query("ListRuntimeFlags", "/v1/runtime-config/{module}/flags", list_module_flags),
-        Query("ListAllRuntimeFlags", "/v1/runtime-flags", list_all_flags),
+        Query(
+            "ListAllRuntimeFlags",
+            "/v1/runtime-flags",
+            list_all_flags,
+            cache=Cache(
+                ttl_s=60,
+                invalidated_by=(
+                    Invalidation((RuntimeFlagUpdated, RuntimeConfigUpdated, RuntimeConfigReset)),
+                ),
+            ),
+        ),
         Query("GetConfigHistory", "/v1/runtime-config/{module}/history", get_history),
     ),
 )

@@ -15,6 +15,8 @@ from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Cache,
+    Invalidation,
     Keyset,
     Projection,
     Query,
@@ -111,7 +113,15 @@ PROJECTION = Projection(
     contexts=("tools",),
     apply=apply,
     queries=(
-        Query("ListTools", "/v1/tools", list_tools),
+        Query(
+            "ListTools",
+            "/v1/tools",
+            list_tools,
+            cache=Cache(
+                ttl_s=60,
+                invalidated_by=(Invalidation((ToolRegistered, ToolUpdated, ToolDeactivated)),),
+            ),
+        ),
         Query("GetToolById", "/v1/tools/{tool_id}", get_tool),
     ),
 )

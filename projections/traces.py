@@ -18,6 +18,8 @@ from app.messages import Envelope
 from projections.db import Connection
 from projections.projection import (
     Answer,
+    Cache,
+    Invalidation,
     Keyset,
     Projection,
     Query,
@@ -130,13 +132,39 @@ async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
     return {"trace_id": trace_id, **page}
 
 
+def _listed_in(args: QueryArgs) -> str:
+    """The cache scope of a trace list: one session's, or the tenant's whole list."""
+    session_id = args.params.get("session_id")
+    return f"session:{session_id}" if session_id else "all"
+
+
+def _lists_of(env: Envelope) -> tuple[str, ...]:
+    """The trace lists an event changes: the whole list, and its session's (a
+    trace's session is fixed by its first span; the worker puts it in the metadata)."""
+    session_id = env.metadata.session_id
+    return ("all",) if session_id is None else ("all", f"session:{session_id}")
+
+
 PROJECTION = Projection(
     name="traces",
     tables=tables("traces"),
     contexts=("traces",),
     apply=apply,
     queries=(
-        Query("ListTracesForSession", "/v1/traces", list_traces),
+        Query(
+            "ListTracesForSession",
+            "/v1/traces",
+            list_traces,
+            cache=Cache(
+                ttl_s=60,
+                scope=_listed_in,
+                invalidated_by=(
+                    Invalidation(
+                        (TraceSpanAppended, TraceFinalized, TracePurged), scopes=_lists_of
+                    ),
+                ),
+            ),
+        ),
         Query("GetTraceById", "/v1/traces/{trace_id}", get_trace),
         Query("ListTraceSpans", "/v1/traces/{trace_id}/spans", list_spans),
     ),

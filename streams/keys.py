@@ -85,6 +85,16 @@ class Keys:
         """Deployment facts that must not change once data exists (the shard count)."""
         return f"{self.prefix}:meta"
 
+    def query_cache(
+        self, query: str, tenant_id: str, scope: str, generation: int, arguments: str
+    ) -> str:
+        """A cached query answer at one generation (`projections/cache.py`);
+        `arguments`: a digest of the query's path and query-string parameters."""
+        return (
+            f"{self.prefix}:qcache:{_part(query)}:{_part(tenant_id)}:{_part(scope)}"
+            f":{generation}:{arguments}"
+        )
+
 
 def projection_group(projection: str) -> str:
     return f"projection:{projection}"

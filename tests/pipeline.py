@@ -15,8 +15,10 @@ from app.commands import build_record
 from app.contexts import COMMANDS, CONTEXTS
 from app.reactions import reactors
 from app.settings import Settings
-from projections import PROJECTIONS, db
-from projections.projector import run_projector
+from projections import PROJECTIONS, VIEWS, db
+from projections.cache import Generations
+from projections.projector import Hooks, run_projector
+from projections.views import Refresher
 from streams.bus import Accepted, CommandBus, CommandStatus
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys
@@ -91,7 +93,15 @@ async def running(
                 managers = reactors(redis, p.keys, p.bus)
                 tg.start_soon(run_reactors, redis, p.scripts, p.keys, settings, managers)
             if projector:
-                tg.start_soon(run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS)
+                refresher = Refresher(pool, VIEWS, debounce_s=settings.view_debounce_s)
+                hooks = Hooks(
+                    in_transaction=[Generations(PROJECTIONS).advance, refresher.record_changes],
+                    on_commit=[refresher.mark],
+                )
+                tg.start_soon(refresher.run)
+                tg.start_soon(
+                    run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS, hooks
+                )
             yield p
             tg.cancel_scope.cancel()
     finally:

@@ -99,6 +99,7 @@ async def test_every_command_and_every_query(stack: Stack, kind: str) -> None:
                 "started_at": "2026-11-25T10:00:00Z",
                 "ended_at": "2026-11-25T10:00:02Z",
                 "status": "ok",
+                "attributes": {"tool": f"search-{n}"},  # a call of the tool (tool usage)
             },
         )
         await run("FinalizeTrace", {"trace_id": tid})
@@ -183,6 +184,29 @@ async def test_every_command_and_every_query(stack: Stack, kind: str) -> None:
         assert found["description"] == "Search the web" and found["active"] is True
         tools = await get("ListTools", "/v1/tools", "tools", active="true")
         assert tool in [t["tool_id"] for t in tools["items"]]
+
+        summary = await get(
+            "GetAgentSessionSummary", f"/v1/agents/{agent}/summary", "chat_sessions"
+        )
+        assert (summary["sessions"], summary["archived_sessions"], summary["streams_started"]) == (
+            1,
+            1,
+            1,
+        )
+        summaries = await get(
+            "ListChatSessionSummaries",
+            "/v1/chat-session-summaries",
+            "chat_sessions",
+            agent_id=agent,
+        )
+        assert [s["agent_id"] for s in summaries["items"]] == [agent]
+        stats = await get("GetSessionTraceStats", f"/v1/chat-sessions/{sid}/trace-stats", "traces")
+        assert (stats["trace_count"], stats["span_count"], stats["error_spans"]) == (1, 1, 0)
+        assert stats["duration_ms"] == 2000
+        usage = await get("GetToolUsage", f"/v1/tools/{tool}/usage", "tools")
+        assert usage["calls"] == 1, usage
+        usages = await get("ListToolUsage", "/v1/tool-usage", "tools")
+        assert tool in [u["tool_id"] for u in usages["items"]]
 
         await run("ResetRuntimeConfig", {"module": module})
         await run("DeactivateTool", {"tool_id": tool})
