@@ -93,7 +93,13 @@ def cpu_table(phases: Mapping[str, Mapping[str, float]], walls: Mapping[str, flo
         "other",
         "machine",
     ]
-    alias = {"web": "server", "baseline-web": "server", "worker": "consumer", "relay": "consumer"}
+    alias = {
+        "web": "server",
+        "baseline-web": "server",
+        "worker": "consumer",
+        "relay": "consumer",
+        "pg-baseline": "projector",
+    }
     rows = [["phase", *columns]]
     for phase, cores in phases.items():
         if walls[phase] < 0.5:

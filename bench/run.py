@@ -1,5 +1,5 @@
-"""The end-to-end benchmark: real `eddy` processes against plain redis-py baselines,
-measured in the same run on the same machine, every Eddy figure as a ratio.
+"""The end-to-end benchmark: real `eddy` processes against plain redis-py (and asyncpg)
+baselines, measured in the same run on the same machine, every Eddy figure as a ratio.
 
     .venv/bin/python -m bench.run [--duration 10] [--rate 200] [--latency-duration 10]
 
@@ -11,7 +11,10 @@ the next phase starts. Eddy and its baselines go through the same steps:
 2. Drain that backlog; the consumers start only now. Baseline (b) is
    `bench.relay` (XREADGROUP → decode → XADD → XACK, pipelined, COUNT 100);
    Eddy runs `eddy worker` until every event is in the event streams, then
-   `eddy projector` until every row is in `chat_sessions`.
+   `eddy projector` until every row is in `chat_sessions`. Between the two,
+   baseline (c), `bench.pg_baseline` (XREADGROUP COUNT 200 → one transaction of
+   batched upserts + a checkpoint → XACK, asyncpg), drains a copy of those event
+   streams into a table shaped like `chat_sessions`.
 3. Live: closed-loop POSTs again with everything running, timed from the first
    POST until the last stage (relay output; `chat_sessions` rows) has them all.
 4. Latency: one POST per command at `--rate`/s for `--latency-duration` s, until
@@ -59,7 +62,7 @@ import uvloop
 from app.auth import issue_token
 from app.messages import CommandRecord
 from app.settings import Settings
-from bench import chat, load
+from bench import chat, load, pg_baseline
 from bench.procs import CpuMeter, Proc, free_port, running, wait_http
 from bench.report import Figure, cpu_table, table
 from streams.keys import Keys
@@ -479,6 +482,7 @@ class Bench:
                 alone = await self.hammer("eddy-http-alone", port, [web])
                 await stack.enter_async_context(running(worker))
                 await self.drain("eddy-worker-drain", [web, worker], applied, alone.ok)
+                await self.baseline_projector(db, [web, worker], alone.ok)
                 await stack.enter_async_context(running(projector))
                 procs = [web, worker, projector]
                 await self.drain("eddy-projector-drain", procs, projected, alone.ok)
@@ -488,6 +492,38 @@ class Bench:
                 await self.chat_latency(port, procs)
         finally:
             await db.close()
+
+    async def baseline_projector(
+        self, db: asyncpg.Connection, procs: Sequence[Proc], backlog: int
+    ) -> None:
+        """Baseline (c) drains a copy of the event streams the worker just filled (the
+        backlog Eddy's projector drains next), with the same processes idling."""
+        copies = []
+        for shard in self.keys.shards_of("chat_sessions"):
+            stream = self.keys.event_stream(shard)
+            copy = f"{stream}:pg-baseline"  # the same hash tag: a copy on the same node
+            if not await self.redis.copy(stream, copy):
+                raise RuntimeError(f"could not copy {stream}")
+            copies.append(copy)
+        await db.execute(pg_baseline.create_tables(self.schema))
+        rows_sql = f'SELECT count(*) FROM "{self.schema}".{pg_baseline.TABLE}'
+
+        async def rows() -> int:
+            return int(await db.fetchval(rows_sql))
+
+        streams = [arg for copy in copies for arg in ("--stream", copy)]
+        projector = self.python(
+            "pg-baseline", ["-m", "bench.pg_baseline", "--schema", self.schema, *streams]
+        )
+        async with running(projector):
+            await self.drain(
+                "baseline-pg-drain", [*procs, projector], (POSTGRES_POLL_S, rows), backlog
+            )
+        await self.redis.unlink(*copies)
+        await db.execute(
+            f'DROP TABLE "{self.schema}".{pg_baseline.TABLE},'
+            f' "{self.schema}".pg_baseline_checkpoints'
+        )
 
     async def sse_latency(self, port: int, procs: Sequence[Proc]) -> None:
         received: dict[str, float] = {}
@@ -601,6 +637,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
     """Every Eddy figure of a run next to its baseline from the same run."""
     a_alone, a_live = phases["baseline-http-alone"], phases["baseline-http-live"]
     b, hops = phases["baseline-drain"], phases["baseline-two-hops"]
+    c = phases["baseline-pg-drain"]
     alone, live = phases["eddy-http-alone"], phases["eddy-http-live"]
     worker, projector = phases["eddy-worker-drain"], phases["eddy-projector-drain"]
     sse = phases["eddy-sse-latency"]
@@ -608,6 +645,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
     live_cpu, a_live_cpu = live["cpu_us_per_command"], a_live["cpu_us_per_command"]
     xadd_http = "Starlette + 1 XADD per request"
     relay = "relay: XREADGROUP→XADD→XACK"
+    upsert = "asyncpg: XREADGROUP→upsert+checkpoint→XACK"
     at = f"at {rate:g}/s"
 
     def figure(name: str, unit: str, eddy: float, baseline: float, baseline_name: str) -> Figure:
@@ -630,7 +668,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
         figure("worker drains a backlog, commands/s", "/s",
                worker["rate_per_s"], b["rate_per_s"], relay),
         figure("projector drains a backlog, events/s", "/s",
-               projector["rate_per_s"], b["rate_per_s"], relay),
+               projector["rate_per_s"], c["rate_per_s"], upsert),
         figure(f"POST → SSE event p50 {at}", "ms", sse["p50_ms"], hops["p50_ms"],
                "XADD→relay→XREAD"),
         figure(f"POST → SSE event p99 {at}", "ms", sse["p99_ms"], hops["p99_ms"],
@@ -652,7 +690,7 @@ def figures(phases: dict[str, Any], rate: float) -> list[Figure]:
         figure("worker CPU per command, backlog", "µs", worker["cpu_us_per_op"],
                b["cpu_us_per_op"], "relay, per entry"),
         figure("projector CPU per event, backlog", "µs", projector["cpu_us_per_op"],
-               b["cpu_us_per_op"], "relay, per entry"),
+               c["cpu_us_per_op"], "asyncpg upserts, per event"),
         figure("web CPU per accepted command, live", "µs", live_cpu["web"],
                a_live_cpu["baseline-web"], "Starlette + XADD, relay running"),
         figure("worker CPU per command, live", "µs", live_cpu["worker"],
