@@ -69,7 +69,11 @@ def _verified(secret: str, token: str) -> tuple[Principal, float]:
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise Unauthenticated("bad token: roles must be a list of strings")
     principal = Principal(sub=sub, tenant=tenant, roles=tuple(r for r in roles if r in ROLES))
-    return principal, float(claims["exp"])
+    try:
+        expires_at = float(claims["exp"])
+    except OverflowError:  # signed, but past any date a float holds: "never", capped
+        expires_at = float("inf")
+    return principal, expires_at
 
 
 def authenticate(

@@ -7,6 +7,7 @@ async functions directly.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,9 +18,12 @@ import anyio
 
 from app import runtime
 from app.auth import issue_token
-from app.errors import ConfigurationError
+from app.errors import ConfigurationError, EddyError
 from app.settings import Settings
 from projections.rebuild import CannotRebuild, RebuildBusy
+from streams.positions import format_entry_id
+from streams.retention import MAX_COUNTED, Trim
+from streams.retention import RETRYABLE as TRIM_UNAVAILABLE
 
 log = logging.getLogger("eddy")
 
@@ -45,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check that the new tables equal the old ones at the swap (slower)",
     )
+    trim = sub.add_parser(
+        "trim", help="trim the streams now, as far as retention and their readers allow"
+    )
+    trim.add_argument("--dry-run", action="store_true", help="only print what would be trimmed")
+    trim.add_argument("--json", action="store_true", help="a JSON list instead of a table")
     drift = sub.add_parser(
         "drift", help="compare the projections' declared tables with the database"
     )
@@ -56,6 +65,21 @@ def parser() -> argparse.ArgumentParser:
         drift_action.add_parser(action, help=text).add_argument(
             "--json", action="store_true", help="one JSON object instead of lines"
         )
+    dead = sub.add_parser(
+        "deadletters", help="commands and events that kept failing: list, show, replay, purge"
+    )
+    dead_action = dead.add_subparsers(dest="deadletters", required=True)
+    dead_action.add_parser("list", help="every dead letter, oldest first").add_argument(
+        "--json", action="store_true", help="a JSON list instead of a table"
+    )
+    for action, text in (
+        ("show", "one dead letter, with its record or envelope (JSON)"),
+        ("replay", "put it back: a command into its stream, an event to its one consumer"),
+    ):
+        dead_action.add_parser(action, help=text).add_argument("id")
+    purge = dead_action.add_parser("purge", help="delete a dead letter (or --all of them)")
+    purge.add_argument("id", nargs="?")
+    purge.add_argument("--all", action="store_true", help="every dead letter of every tenant")
     token = sub.add_parser("token", help="print a JWT for a tenant, subject and roles")
     token.add_argument("--tenant", required=True)
     token.add_argument("--sub", required=True)
@@ -95,6 +119,30 @@ class ProgressBar:
             self.out.write("\n")
 
 
+def trim(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
+    """`eddy trim [--dry-run] [--json]`: one pass of the trimmer now, and what it did."""
+    try:
+        trims = anyio.run(lambda: runtime.trim(settings, dry_run=dry_run))
+    except TRIM_UNAVAILABLE as exc:
+        print(f"eddy: cannot trim: {exc!r}", file=sys.stderr)
+        return 1
+    print(trim_table(trims, dry_run=dry_run, as_json=as_json))
+    return 0
+
+
+def trim_table(trims: Sequence[Trim], *, dry_run: bool, as_json: bool) -> str:
+    """`eddy trim`'s output: per stream, its length, the trim point and what holds it."""
+    if as_json:
+        return json.dumps([t.as_json() for t in trims])
+    removed = "would remove" if dry_run else "removed"
+    lines = [f"{'stream':<48} {'length':>8}  {'kept from':<20} {'held by':<28} {removed}"]
+    for t in trims:
+        count = f"{MAX_COUNTED}+" if t.removed > MAX_COUNTED else str(t.removed)
+        upto = format_entry_id(t.upto)
+        lines.append(f"{t.stream:<48} {t.length:>8}  {upto:<20} {t.held_by:<28} {count}")
+    return "\n".join(lines)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -106,6 +154,28 @@ def configure_logging(level: str) -> None:
 def require_secret(settings: Settings) -> None:
     if len(settings.jwt_secret) < 32:
         raise ConfigurationError("EDDY_JWT_SECRET must be set, at least 32 characters (HS256)")
+
+
+def deadletters(settings: Settings, args: argparse.Namespace) -> int:
+    """`eddy deadletters list | show <id> | replay <id> | purge <id> | purge --all`."""
+    from app import admin
+
+    if args.deadletters == "purge" and bool(args.id) == bool(args.all):
+        raise ValueError("deadletters purge takes a dead letter id or --all")
+    try:
+        return anyio.run(
+            lambda: admin.command_line(
+                settings,
+                args.deadletters,
+                getattr(args, "id", None),
+                every=getattr(args, "all", False),
+                as_json=getattr(args, "json", False),
+                out=sys.stdout,
+            )
+        )
+    except EddyError as exc:  # no such dead letter, or it cannot be replayed now
+        print(f"eddy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -145,6 +215,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 return 1
             print(status.to_json(shards) if args.json else status.table(shards))
             return 0
+        if args.command == "trim":
+            return trim(settings, dry_run=args.dry_run, as_json=args.json)
         if args.command == "drift":
             from projections import drift
 
@@ -152,6 +224,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             outcome = anyio.run(run, settings.database_url, settings.db_schema)
             print(outcome.json() if args.json else outcome.text())
             return outcome.exit_code
+        if args.command == "deadletters":
+            return deadletters(settings, args)
         if args.command == "rebuild":
             bar = ProgressBar(sys.stderr)
             report = anyio.run(

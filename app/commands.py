@@ -1,22 +1,25 @@
 """Command submission over HTTP: `POST /v1/commands/{type}` and `GET /v1/commands/{id}`.
 
-Order of checks, so each failure gets its precise status: the token (401), the
-command type (404), the roles (403), the body size (413), JSON (400), the schema
-(422), then Redis (503). Only then is anything written.
+Order of checks, so each failure gets its precise status: the connection's rate
+(429), the token (401), the tenant's rate (429, `app/limits.py`), the command type
+(404), the roles (403), the body size (413), JSON (400), the schema (422), then
+Redis (503). Only then is anything written.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.auth import Principal, authenticate
+from app.auth import Principal
 from app.contexts import COMMANDS, CommandType
 from app.errors import BadRequest, Invalid, Malformed, NotFound, TooLarge, UnknownCommand
+from app.limits import admit
 from app.messages import CommandRecord, derived_id, new_id, utcnow
 from app.services import Services, json_response
 from streams.bus import FINAL, CommandStatus
@@ -63,6 +66,8 @@ def decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, subject: str, nam
         raise Invalid(f"{name}: {exc}", fields=[{"path": path, "message": message}]) from None
     except msgspec.DecodeError as exc:
         raise Malformed(f"{subject} is not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # a JSON string holding bytes that are not UTF-8
+        raise Malformed(f"{subject} is not UTF-8: {exc}") from None
     except RecursionError:
         raise Malformed(f"JSON nested deeper than {MAX_DEPTH} levels") from None
 
@@ -78,7 +83,8 @@ def check_values(command: Any) -> None:
     """What the schema cannot say, checked before anything is accepted, because
     every later step (the worker, Postgres, clients) must handle what was accepted:
     free-form values (`metadata`, `attributes`, …) nest at most `MAX_DEPTH` levels,
-    and no string holds a NUL character (Postgres text and jsonb refuse it)."""
+    no string holds a NUL character (Postgres text and jsonb refuse it), and every
+    time can be expressed in UTC (year 1 with a +14:00 offset cannot)."""
     for name in command.__struct_fields__:
         stack = [(getattr(command, name), 1)]
         while stack:
@@ -86,6 +92,11 @@ def check_values(command: Any) -> None:
             if isinstance(value, str):
                 if "\x00" in value:
                     _refuse(name, "a string holds a NUL character (\\u0000)")
+            elif isinstance(value, datetime):
+                try:
+                    value.astimezone(UTC)
+                except OverflowError:
+                    _refuse(name, f"{value.isoformat()} is out of range in UTC")
             elif isinstance(value, dict | list | msgspec.Struct):
                 if depth > MAX_DEPTH:
                     _refuse(name, f"nested deeper than {MAX_DEPTH} levels")
@@ -104,10 +115,17 @@ def _refuse(name: str, message: str) -> None:
 
 def header_id(request: Request, name: str) -> str | None:
     value = request.headers.get(name)
-    if value is None:
-        return None
+    return None if value is None else check_id(value, name)
+
+
+def check_id(value: str, name: str) -> str:
+    """A client's id (`Idempotency-Key`, `X-Correlation-ID`, a WebSocket command's
+    `id`): 1 to `MAX_ID_LENGTH` characters and no NUL, which would reach Postgres
+    in every event's metadata (and stop the projections there)."""
     if not 0 < len(value) <= MAX_ID_LENGTH:
         raise BadRequest(f"{name} must be 1 to {MAX_ID_LENGTH} characters")
+    if "\x00" in value:
+        raise BadRequest(f"{name} holds a NUL character (\\u0000)")
     return value
 
 
@@ -150,7 +168,7 @@ def build_record(
 async def submit(request: Request) -> Response:
     services: Services = request.app.state.services
     settings = services.settings
-    principal = authenticate(request, settings.jwt_secret)
+    principal = await admit(request, "commands")
     name = request.path_params["type"]
     command_type = COMMANDS.get(name)
     if command_type is None:
@@ -197,7 +215,7 @@ async def outcome(services: Services, status: CommandStatus, ids: dict[str, str]
 
 async def status(request: Request) -> Response:
     services: Services = request.app.state.services
-    principal = authenticate(request, services.settings.jwt_secret)
+    principal = await admit(request, "queries")
     command_id = request.path_params["command_id"]
     found = await services.bus.status(principal.tenant, command_id)
     if found is None:

@@ -78,6 +78,20 @@ class TooLarge(EddyError):
     status = 413
 
 
+class RateLimited(EddyError):
+    """A tenant over its rate of commands or queries, or a connection over its rate of
+    requests (`app/limits.py`); nothing of the request was read or done. Answers 429
+    with `Retry-After: <retry_after_s>` (whole seconds, at least 1); over a WebSocket,
+    an error frame."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, limit=limit)
+        self.retry_after_s = retry_after_s
+
+
 class IdempotencyConflict(EddyError):
     """An `Idempotency-Key` already names a different command (another type or aggregate)."""
 

@@ -10,6 +10,9 @@ A query that declares a `Cache` is answered through `projections/cache.py`
 (unless `EDDY_QUERY_CACHE=off`): after the wait, so the generation it reads
 covers the position waited for. Every outcome is counted in
 `eddy_query_cache_total{query, outcome}`.
+
+Every query counts against its connection's and its tenant's rate of queries
+(`app/limits.py`, 429 over it), before anything else is done.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.auth import authenticate
 from app.contexts import BY_NAME
-from app.errors import NotFound, Stale
+from app.errors import BadRequest, NotFound, Stale
+from app.limits import admit
 from app.services import Services, json_response
 from projections import VIEWS, db, views
 from projections.cache import QueryCache
@@ -58,6 +61,14 @@ async def wait_for(
         raise Stale(f"{', '.join(behind)} has not reached {position} yet")
 
 
+def check_params(request: Request) -> None:
+    """Refuse (400) a path or query parameter holding a NUL character: any of them
+    may reach Postgres, whose text refuses it (a 500 otherwise)."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if "\x00" in value:
+            raise BadRequest(f"{name[:100]!r} holds a NUL character (\\u0000)")
+
+
 def query_route(
     projections: Sequence[Projection], query: Query, cache: QueryCache | None = None
 ) -> Route:
@@ -67,7 +78,8 @@ def query_route(
 
     async def endpoint(request: Request) -> Response:
         services: Services = request.app.state.services
-        principal = authenticate(request, services.settings.jwt_secret)
+        principal = await admit(request, "queries")
+        check_params(request)
         after = request.query_params.get("after") or request.headers.get("x-after-position")
         if after:
             await wait_for(services, projections, after, view)

@@ -36,6 +36,7 @@ from streams.connection import Redis, Scripts, connect
 from streams.consumer import Backoff
 from streams.keys import Keys
 from streams.reactor import run_reactors as react
+from streams.retention import Trim, Trimmer
 from streams.worker import run_worker as work
 
 log = logging.getLogger("eddy.runtime")
@@ -158,12 +159,38 @@ async def run_projector(settings: Settings) -> None:
             on_commit=[refresher.mark],
         )
         tg.start_soon(refresher.run)
+        if settings.trim_interval_s > 0:
+            tg.start_soon(_trimmer(redis, scripts, pool, keys, settings).run, scripts)
         make = rebuilder(pool, redis, keys, settings.db_schema)
 
         async def current(projection: Projection) -> None:
             await ensure_current(make, pool, projection)
 
         await project(redis, scripts, keys, settings, pool, PROJECTIONS, hooks, current)
+
+
+def _trimmer(
+    redis: Redis, scripts: Scripts, pool: db.Pool, keys: Keys, settings: Settings
+) -> Trimmer:
+    """The streams' trimmer (`streams/retention.py`), bound by every projection and
+    every process manager of `eddy worker`."""
+    bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
+    return Trimmer(
+        redis,
+        pool,
+        keys,
+        settings,
+        contexts=[context.name for context in CONTEXTS],
+        projections=PROJECTIONS,
+        reactors=reactors(redis, keys, bus),
+    )
+
+
+async def trim(settings: Settings, *, dry_run: bool = False) -> list[Trim]:
+    """`eddy trim`: one pass of the trimmer now (`--dry-run`: only say what it would do)."""
+    async with _redis(settings) as (redis, scripts), _postgres(settings) as pool:
+        keys = Keys(settings.key_prefix, settings.shards)
+        return await _trimmer(redis, scripts, pool, keys, settings).trim(dry_run=dry_run)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})

@@ -21,9 +21,11 @@ Deliberate choices:
 - Every send is bounded by `send_timeout_s`. A stalled client is cut off when a
   send times out, or when its subscription's buffer overflows (`Lagging`): the
   response just ends, and an EventSource reconnects with its last id and catches
-  up from Redis. After a send timeout the response cannot be finished (the final
-  write would stall too), so uvicorn logs that it ended incomplete and closes the
-  connection, which is what we want.
+  up from Redis. A client cut off has its connection aborted (`abort`) after
+  the last write (none after a send timeout: it would stall too): a plain close
+  waits for the unsent data to drain, which for a client that stopped reading is
+  never, and would keep its socket and buffers forever. What the kernel already
+  holds still goes out before the end, to a client that reads.
 - One task group per response: the stream, and a listener for `http.disconnect`;
   whichever ends first cancels the other, and leaving the subscription's
   `async with` takes it out of the fan-out.
@@ -97,14 +99,17 @@ class EventStream(Response):
             async with anyio.create_task_group() as tg:
 
                 async def stream_then_cancel() -> None:
-                    await self._stream(send)
+                    if await self._stream(send):
+                        abort(receive)
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream_then_cancel)
                 await _disconnected(receive)
                 tg.cancel_scope.cancel()
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send) -> bool:
+        """Stream until the subscription ends; True if the client is cut off (a
+        write timed out, or it fell too far behind)."""
         subscription = self.subscription
         chunk = b"id: %s\n\n" % subscription.position.encode()
         try:
@@ -114,14 +119,16 @@ class EventStream(Response):
                     batch = await anext(subscription)
                 chunk = KEEPALIVE if batch is None else render(batch)
             log.info("sse-send-timeout tenant=%s", subscription.tenant_id)
-            return
+            return True
         except Lagging:
             log.info("sse-lagging tenant=%s", subscription.tenant_id)
+            await self._write(send, b"", more_body=False)
+            return True
         except StopAsyncIteration:
             pass  # the fan-out stopped: end the response, the client reconnects
         except RETRYABLE as exc:
             log.warning("sse-catch-up-failed tenant=%s error=%r", subscription.tenant_id, exc)
-        await self._write(send, b"", more_body=False)
+        return not await self._write(send, b"", more_body=False)
 
     async def _write(self, send: Send, body: bytes, *, more_body: bool = True) -> bool:
         """Send one chunk within the send timeout; False if it did not go out in time."""
@@ -129,6 +136,23 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": body, "more_body": more_body})
             return True
         return False
+
+
+def abort(receive: Receive) -> None:
+    """Drop the connection now, with whatever it has not sent yet.
+
+    ASGI cannot say this. An app that ends without finishing its response (or
+    without closing its WebSocket) makes uvicorn `close()` the transport, and a
+    transport closes only once its write buffer has drained: never, for a client
+    that stopped reading. uvicorn's `receive` is a bound method of the request's
+    cycle (HTTP) or of the connection's protocol (WebSocket), and both hold the
+    asyncio / uvloop transport, whose `abort()` closes the socket at once (what
+    the kernel already holds still goes out, then the end). Under a server
+    without those attributes nothing happens.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if callable(close_now := getattr(transport, "abort", None)):
+        close_now()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -37,11 +37,20 @@ Deliberate choices:
   `send_timeout_s`. A send that times out ends the socket without a close frame
   (it would stall too). A subscription more than `subscriber_buffer` events
   behind (`Lagging`), or whose catch-up read fails, closes the socket with 1013:
-  the client reconnects and resumes each topic with `since`. A client over its
-  frame rate (token bucket: `EDDY_WS_FRAMES_PER_S`, burst `EDDY_WS_BURST`) is
-  closed with 1008; the burst lets a client push hundreds of chunks at once.
+  the client reconnects and resumes each topic with `since`. Either way the
+  connection is then aborted (`app.sse.abort`): a plain close waits for a
+  stalled client to read what is still unsent, forever. A client over its frame rate (token bucket:
+  `EDDY_WS_FRAMES_PER_S`, burst `EDDY_WS_BURST`) is closed with 1008; the burst
+  lets a client push hundreds of chunks at once.
+- A command frame also counts against the tenant's rate of commands, shared with
+  HTTP and every web process (`app/limits.py`), checked first as over HTTP: over
+  it, a `rate_limited` error frame (with `retry_after_s`) and the socket stays
+  open; the tenant's other clients must not lose their sockets to one flooding.
 - Frames over `EDDY_MAX_BODY_BYTES` get `too_large`; uvicorn's own limit
-  (16 MiB) closes the socket with 1009 above that.
+  (16 MiB) closes the socket with 1009 above that. A text frame that is not
+  UTF-8 is closed by the WebSocket protocol layer with 1007 before Eddy sees it
+  (RFC 6455 §8.1 requires failing the connection): a protocol violation, not a
+  bad frame, so it is the one bad input that costs a socket besides those.
 """
 
 from __future__ import annotations
@@ -49,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +69,10 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.auth import Principal, authenticate
-from app.commands import MAX_ID_LENGTH, build_record, parse_command
+from app.commands import build_record, check_id, parse_command
 from app.commands import decode as decode_json
 from app.contexts import COMMANDS
 from app.errors import (
-    BadRequest,
     EddyError,
     Invalid,
     Malformed,
@@ -75,8 +82,10 @@ from app.errors import (
     Unavailable,
     UnknownCommand,
 )
+from app.limits import Limits, TokenBucket
 from app.messages import new_id
 from app.services import Services
+from app.sse import abort
 from streams.bus import FINAL, CommandStatus
 from streams.fanout import RETRYABLE, Delivery, Item, Lagging, Reset, Subscription
 
@@ -201,25 +210,6 @@ def close_reason(text: str) -> str:
 # -- the socket --------------------------------------------------------------------
 
 
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; one per frame."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.at = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 @dataclass
 class Pump:
     """A running subscription: cancel `scope` to end it; `done` once it has left."""
@@ -265,6 +255,7 @@ class Socket:
         self._tg: TaskGroup | None = None
         self._frames_in = services.metrics.ws_frames.labels("in")
         self._frames_out = services.metrics.ws_frames.labels("out")
+        self._limits: Limits = websocket.app.state.limits
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -275,9 +266,11 @@ class Socket:
         if self._closing is not None and self._open:
             code, reason = self._closing
             self._open = False
-            with anyio.move_on_after(self.settings.send_timeout_s):
+            with anyio.move_on_after(self.settings.send_timeout_s) as timeout:
                 with contextlib.suppress(WebSocketDisconnect):
                     await self.websocket.close(code, close_reason(reason))
+            if timeout.cancelled_caught or code == TRY_AGAIN_LATER:
+                abort(self.websocket._receive)  # a client behind: what it has not taken is gone
 
     def _end(self, code: int | None, reason: str = "") -> None:
         """End the socket: close it with `code` (None: without a close frame)."""
@@ -301,6 +294,7 @@ class Socket:
                     self._end(None)
             if timeout.cancelled_caught:
                 log.info("ws-send-timeout tenant=%s", self.principal.tenant)
+                abort(self.websocket._receive)
                 self._end(None)
         if self._open:
             self._frames_out.inc()
@@ -412,14 +406,13 @@ class Socket:
     async def _submit(self, frame: SubmitCommand) -> None:
         """Accept a command exactly as `POST /v1/commands/{type}` does, in the same order."""
         services, principal, name = self.services, self.principal, frame.type
+        await self._limits.tenants.take("commands", principal.tenant)
         command_type = COMMANDS.get(name)
         if command_type is None:
             raise UnknownCommand(f"unknown command type {name!r}", known=sorted(COMMANDS))
         principal.require(command_type.context.allowed_roles(name))
         command = parse_command(command_type, bytes(frame.payload))
-        command_id = new_id() if frame.id is None else frame.id
-        if not 0 < len(command_id) <= MAX_ID_LENGTH:
-            raise BadRequest(f"id must be 1 to {MAX_ID_LENGTH} characters")
+        command_id = new_id() if frame.id is None else check_id(frame.id, "id")
         if self._pending_count >= self.settings.ws_max_pending:
             limit = self.settings.ws_max_pending
             raise Refused("too_many_pending", f"at most {limit} commands awaiting their result")

@@ -9,7 +9,7 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -32,7 +32,8 @@ class QueryArgs(msgspec.Struct, frozen=True, kw_only=True):
 
     def limit(self) -> int:
         raw = self.params.get("limit", str(DEFAULT_LIMIT))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        # isdigit() alone takes "²", which int() refuses
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
         return int(raw)
 
@@ -122,12 +123,16 @@ class Keyset:
         values: list[Any] = []
         for value, kind in zip(cursor, self.types, strict=True):
             if kind is datetime and isinstance(value, str):
+                # what Eddy issues has an offset; Postgres must be able to take it in UTC
                 try:
-                    values.append(datetime.fromisoformat(value))
-                except ValueError:
+                    moment = datetime.fromisoformat(value)
+                    if moment.tzinfo is None:
+                        raise ValueError(value)
+                    values.append(moment.astimezone(UTC))
+                except (ValueError, OverflowError):
                     raise _not_ours() from None
             elif (kind is int and type(value) is int and 0 <= value < 2**31) or (
-                kind is str and isinstance(value, str)
+                kind is str and isinstance(value, str) and "\x00" not in value
             ):
                 values.append(value)
             else:

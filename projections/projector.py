@@ -9,6 +9,12 @@ XREADGROUP batch ─▶ BEGIN ─▶ checkpoint FOR UPDATE ─▶ skip entries �
 
 A crash between COMMIT and XACK leaves entries pending; the next owner reads them
 again, finds them at or below the checkpoint, and only acknowledges them.
+
+An event whose batch keeps failing (a row breaks a constraint, an entry cannot be
+decoded) is isolated by the consumer loop and, after `EDDY_MAX_ATTEMPTS`, moved to the
+shard's dead letters for this projection only (`streams/deadletters.py`); `skip`
+then moves the checkpoint past it and records it as the shard's last error.
+`replay` applies a dead event again when an operator asks.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from projections.projection import Projection
 from projections.status import record_failure
 from streams.bus import stamp
 from streams.connection import Redis, Scripts
-from streams.consumer import RETRYABLE, Entry, event_consumers
+from streams.consumer import RETRYABLE, TRANSIENT, Entry, Poison, event_consumers
+from streams.deadletters import DeadLettered, DeadLetters
 from streams.keys import Keys, Shard, projection_group
-from streams.lease import Balancer
+from streams.lease import Balancer, ShardLease
 from streams.positions import entry_id_of
 
 log = logging.getLogger("eddy.projector")
@@ -42,6 +49,16 @@ RETRYABLE_DB: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     ConnectionError,
 )
+TRANSIENT_DB: tuple[type[BaseException], ...] = (
+    *TRANSIENT,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+"""Failures of a batch that say nothing about its events (Redis or Postgres away,
+shutting down, out of connections, a deadlock): never counted as an attempt."""
 
 
 Applied = Callable[[Connection, Projection, Shard, list[Envelope]], Awaitable[None]]
@@ -96,6 +113,27 @@ class ShardProjector:
             raise
         return ids
 
+    async def skip(self, entry_id: bytes, dead_letter: str, error: BaseException) -> None:
+        """After an entry was dead-lettered: move the checkpoint past it (every entry
+        before it is committed) and record it as the shard's last error."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await db.checkpoint(conn, self.projection.name, self.shard)
+            await db.advance(conn, self.projection.name, self.shard, entry_id_of(entry_id))
+        reason = DeadLettered(f"{dead_letter} after {type(error).__name__}: {error}")
+        await record_failure(self.pool, self.projection.name, self.shard, reason)
+
+    async def replay(self, envelope: Envelope) -> None:
+        """Apply one event again, out of the stream's order (a dead letter's replay),
+        with the hooks, in a transaction that holds the shard's checkpoint row (so
+        never beside a batch of the shard). The checkpoint does not move."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await db.checkpoint(conn, self.projection.name, self.shard)
+            await self.projection.apply(conn, [envelope])
+            for applied in self.hooks.in_transaction:
+                await applied(conn, self.projection, self.shard, [envelope])
+        for tell in self.hooks.on_commit:
+            await tell(self.projection, self.shard, [envelope])
+
 
 async def run_projector(
     redis: Redis,
@@ -111,18 +149,33 @@ async def run_projector(
     `hooks` with every batch (cache invalidation, view refreshes). `prepare(p)` is
     awaited before projecting `p` (a rebuild, when its declared version changed)."""
     member = f"projector-{uuid.uuid4().hex[:12]}"
+    dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s)
 
     def balancer(projection: Projection) -> Balancer:
+        group = projection_group(projection.name)
+
+        def poison(shard: Shard, lease: ShardLease) -> Poison:
+            projector = ShardProjector(pool, projection, shard, hooks)
+            return dead_letters.poison(
+                lease,
+                shard,
+                group,
+                settings.max_attempts,
+                transient=TRANSIENT_DB,
+                then=projector.skip,
+            )
+
         return event_consumers(
             redis,
             scripts,
             keys,
             settings,
-            group=projection_group(projection.name),
+            group=group,
             contexts=projection.contexts,
             member=member,
             handler=lambda shard: ShardProjector(pool, projection, shard, hooks).handle,
             retry_on=RETRYABLE_DB,
+            poison=poison,
         )
 
     async def project(projection: Projection) -> None:

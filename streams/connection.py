@@ -14,14 +14,15 @@ a `BLOCK` of 5 s or more at its default timeout instead of returning empty.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError
 
 BLOCK_MS = 1000
 SOCKET_TIMEOUT_S = 10.0
@@ -31,6 +32,24 @@ ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
 """A script, its keys and its args."""
 
 
+class RedisConnection(Connection):
+    """redis-py's connection, except that under uvloop a write to a socket the server
+    has just closed (Redis stopping, with our connect in its backlog) raises
+    RuntimeError ("the handler is closed", uvloop#506) where asyncio raises an
+    OSError: make it the ConnectionError every loop here retries, not a crash.
+    (redis-py's cluster client makes its own connections and does not get this.)"""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:  # redis-py has disconnected already
+            if "handler is closed" not in str(exc):
+                raise
+            raise ConnectionError(f"Error while writing to socket. {exc}") from exc
+
+
 def connect(url: str, **options: Any) -> Redis:
     options.setdefault("socket_timeout", SOCKET_TIMEOUT_S)
     options.setdefault("socket_connect_timeout", 3.0)
@@ -38,6 +57,7 @@ def connect(url: str, **options: Any) -> Redis:
     if "+cluster://" in url:
         return RedisCluster.from_url(url.replace("+cluster://", "://", 1), **options)
     options.setdefault("max_connections", 200)
+    options.setdefault("connection_class", RedisConnection)
     return aioredis.Redis.from_url(url, **options)
 
 
@@ -54,6 +74,9 @@ class Scripts:
         self.apply: AsyncScript = client.register_script(_source("apply"))
         self.lease_extend: AsyncScript = client.register_script(_source("lease_extend"))
         self.lease_release: AsyncScript = client.register_script(_source("lease_release"))
+        self.dead_letter: AsyncScript = client.register_script(_source("dead_letter"))
+        self.dead_letter_replay: AsyncScript = client.register_script(_source("dead_letter_replay"))
+        self.rate_limit: AsyncScript = client.register_script(_source("rate_limit"))
         self._client = client
 
     async def load(self) -> None:

@@ -8,6 +8,20 @@ then reads new ones with `>`. Entries idle longer than `claim_idle_ms` are claim
 again periodically. `handle(entries)` returns the ids to XACK; when it raises, the
 loop backs off (bounded, with jitter) and re-reads its pending entries, so nothing
 read is ever skipped.
+
+A stop (SIGTERM, a shard handed over) lets the batch in hand finish and be
+acknowledged (it is shielded from the cancellation, for at most `STOP_GRACE_S`),
+then handles whatever else was delivered to this consumer — a read whose reply the
+cancellation cut off — so a stopping process leaves nothing pending under its name
+and no half-done batch to the next owner.
+
+Poison entries (guarantee 6): given a `Poison`, a batch that fails with an error
+that is not `transient` (a Lua error, an undecodable entry, a broken constraint) is
+handled again one entry at a time, in order, so the entries before the culprit go
+through; the culprit's own failures are counted (in memory: a new owner of the
+shard counts afresh) and, at `max_attempts`, `bury` moves it to the shard's dead
+letters (`streams/deadletters.py`) and the entries after it flow on. Transient
+errors (a server away or failing over) never count: they only back off.
 """
 
 from __future__ import annotations
@@ -16,16 +30,27 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.settings import Settings
 from streams.connection import BLOCK_MS, Redis, Scripts
 from streams.keys import Keys, Shard
-from streams.lease import Balancer, LeaseLost, ShardLease
+from streams.lease import STOP_GRACE_S, Balancer, LeaseLost, ShardLease
 
 log = logging.getLogger("eddy.consumer")
 T = TypeVar("T")
@@ -34,6 +59,43 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 Handle = Callable[[list[Entry]], Awaitable[list[bytes]]]
 
 RETRYABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,
+    TryAgainError,
+    AskError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    NoScriptError,
+)
+"""Errors that say nothing about the entries being handled (Redis away, failing
+over, out of memory): retried with backoff, never counted as an entry's attempt."""
+
+Bury = Callable[[Entry, BaseException, int], Awaitable[None]]
+"""Moves one entry out of its stream (a dead letter, acknowledged), given the error
+of its last attempt and the number of attempts."""
+
+
+@dataclass(frozen=True)
+class Poison:
+    """What a consumer does with an entry that keeps failing: after `max_attempts`
+    failures of its own it is buried, and the entries after it flow on."""
+
+    bury: Bury
+    max_attempts: int
+    transient: tuple[type[BaseException], ...] = TRANSIENT
+
+    @property
+    def passing(self) -> tuple[type[BaseException], ...]:
+        """What no attempt is counted for: transient errors, and a lost lease."""
+        return (*self.transient, LeaseLost)
+
+
+class Failing(Exception):
+    """An entry failed fewer than `max_attempts` times so far: back off, read it again."""
 
 
 class Backoff:
@@ -92,11 +154,22 @@ async def consume(
     batch: int,
     claim_idle_ms: int,
     retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+    poison: Poison | None = None,
 ) -> None:
-    """Feed `handle` every entry of `stream` for `group`, in order, until cancelled."""
-    reader = GroupReader(redis, stream, group, consumer, handle, lease, batch, claim_idle_ms)
+    """Feed `handle` every entry of `stream` for `group`, in order, until cancelled
+    (with `poison`: an entry that keeps failing is buried after its attempts)."""
     backoff = Backoff()
+
+    async def handled(entries: list[Entry]) -> list[bytes]:
+        done = await handle(entries)
+        backoff.reset()  # the next failure starts from a short pause again
+        return done
+
+    reader = GroupReader(
+        redis, stream, group, consumer, handled, lease, batch, claim_idle_ms, poison
+    )
     taken_over = False
+    retrying: tuple[type[BaseException], ...] = (*retry_on, Failing)
     while True:
         try:
             if not lease.held():
@@ -108,9 +181,25 @@ async def consume(
             await reader.drain_pending()
             await reader.read_new()
             backoff.reset()
-        except retry_on as exc:
+        except retrying as exc:
             log.warning("consumer-retry stream=%s error=%r", stream, exc)
             await backoff.sleep()
+        except anyio.get_cancelled_exc_class():
+            await _finish_pending(reader, retrying)
+            raise
+
+
+async def _finish_pending(reader: GroupReader, retrying: tuple[type[BaseException], ...]) -> None:
+    """On a stop (shutdown, shard handed over): handle what this consumer was
+    delivered but did not handle — a read whose reply the cancellation cut off — so
+    nothing is left pending under its name; for at most `STOP_GRACE_S`."""
+    passing: tuple[type[BaseException], ...] = (*retrying, LeaseLost)
+    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + STOP_GRACE_S):
+        try:
+            if reader.lease.held():
+                await reader.drain_pending()
+        except passing as exc:
+            log.warning("consumer-left-pending stream=%s error=%r", reader.stream, exc)
 
 
 def event_consumers(
@@ -124,9 +213,11 @@ def event_consumers(
     member: str,
     handler: Callable[[Shard], Handle],
     retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+    poison: Callable[[Shard, ShardLease], Poison] | None = None,
 ) -> Balancer:
     """One consumer of `group` on each event stream of `contexts` this process owns
-    (a fair share, through leases); `handler(shard)` handles that shard's batches."""
+    (a fair share, through leases); `handler(shard)` handles that shard's batches,
+    `poison(shard, lease)` says what becomes of an entry that keeps failing."""
 
     async def unit(shard: Shard, lease: ShardLease) -> None:
         await consume(
@@ -139,6 +230,7 @@ def event_consumers(
             batch=settings.batch_size,
             claim_idle_ms=settings.claim_idle_ms,
             retry_on=retry_on,
+            poison=None if poison is None else poison(shard, lease),
         )
 
     shards = [s for context in contexts for s in keys.shards_of(context)]
@@ -159,6 +251,9 @@ class GroupReader:
     lease: ShardLease
     batch: int
     claim_idle_ms: int
+    poison: Poison | None = None
+    attempts: dict[bytes, int] = field(default_factory=dict)
+    """Failures of entries handled alone, by entry id (until settled)."""
 
     async def claim(self, min_idle_ms: int) -> int:
         """Move entries idle at least `min_idle_ms` to this consumer; return how many."""
@@ -208,9 +303,64 @@ class GroupReader:
     async def _handle(self, entries: list[Entry]) -> None:
         if not self.lease.held():
             raise LeaseLost(self.stream)
-        # An entry deleted from the stream while pending comes back without fields.
-        live = [(entry_id, fields) for entry_id, fields in entries if fields]
-        gone = [entry_id for entry_id, fields in entries if not fields]
-        done = await self.handle(live) if live else []
-        if done or gone:
-            await self.redis.xack(self.stream, self.group, *done, *gone)
+        # Shielded: a stop lets the batch in hand finish and be acknowledged, so a
+        # stopping process leaves nothing half-done (a rolled-back transaction, an
+        # applied batch unacknowledged) to the next owner. Bounded all the same.
+        deadline = anyio.current_time() + STOP_GRACE_S
+        with anyio.CancelScope(shield=True, deadline=deadline) as batch:
+            # An entry deleted from the stream while pending comes back without fields.
+            live = [(entry_id, fields) for entry_id, fields in entries if fields]
+            gone = [entry_id for entry_id, fields in entries if not fields]
+            done: list[bytes] = []
+            if live:
+                done = await (self.handle(live) if self.poison is None else self._guarded(live))
+            if done or gone:
+                await self.redis.xack(self.stream, self.group, *done, *gone)
+        if batch.cancelled_caught:
+            raise TimeoutError(f"a batch of {self.stream} took over {STOP_GRACE_S} s")
+
+    async def _guarded(self, entries: list[Entry]) -> list[bytes]:
+        """Handle a batch; if it fails, or holds an entry that failed before, handle
+        its entries one at a time, in order, acknowledging each as it goes."""
+        assert self.poison is not None
+        suspect = self.attempts and any(entry_id in self.attempts for entry_id, _ in entries)
+        if len(entries) > 1 and not suspect:
+            try:
+                return await self.handle(entries)
+            except self.poison.passing:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "batch-failed stream=%s group=%s entries=%d error=%r: one at a time",
+                    self.stream,
+                    self.group,
+                    len(entries),
+                    exc,
+                )
+        for entry in entries:
+            done = await self._alone(entry, self.poison)
+            if done:
+                await self.redis.xack(self.stream, self.group, *done)
+        return []
+
+    async def _alone(self, entry: Entry, poison: Poison) -> list[bytes]:
+        """Handle one entry; count its failure, and bury it at `max_attempts`."""
+        entry_id = entry[0]
+        if not self.lease.held():
+            raise LeaseLost(self.stream)
+        try:
+            done = await self.handle([entry])
+        except poison.passing:
+            raise
+        except Exception as exc:
+            attempts = self.attempts[entry_id] = self.attempts.get(entry_id, 0) + 1
+            if attempts < poison.max_attempts:
+                raise Failing(
+                    f"entry {entry_id.decode()} failed ({attempts} of {poison.max_attempts}):"
+                    f" {type(exc).__name__}: {exc}"
+                ) from exc
+            await poison.bury(entry, exc, attempts)
+            self.attempts.pop(entry_id, None)
+            return []
+        self.attempts.pop(entry_id, None)
+        return done

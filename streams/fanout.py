@@ -21,12 +21,15 @@ starts at the join vector. A token ahead of this process's readers (issued by
 a faster process) waits for them up to `AHEAD_WAIT_S`; one still ahead names
 history this Redis does not have, and gets a reset.
 
-Retention. Each catch-up page is read in one MULTI with XINFO STREAM: when
-entries after the page's start may have been removed, the subscriber gets one
-`Reset` and continues from the join vector. XTRIM does not move
-`max-deleted-entry-id` (Redis 7.0), so a stream that ever lost entries and whose
-oldest entry is past the position counts as beyond retention too. That is
-conservative: a trim that ended exactly at the position also resets.
+Retention. Each catch-up page is read in one MULTI with XINFO STREAM and the
+trimmer's record of the stream (`Keys.trimmed`): when entries after the page's
+start may have been removed, the subscriber gets one `Reset` and continues from
+the join vector. XTRIM does not move `max-deleted-entry-id` (Redis 7.0); the
+record names the last entry the trimmer removed, and holds while the stream's
+count of removed entries is the one it recorded (`streams/retention.py`). Without
+a record that holds, a stream that ever lost entries and whose oldest entry is
+past the position counts as beyond retention: conservative, since a trim that
+ended exactly at the position also resets.
 
 Slow subscribers. A subscription buffers at most `settings.subscriber_buffer`
 items; readers append and never wait. One item more cuts the subscriber off: its
@@ -70,6 +73,7 @@ from streams.positions import (
     event_position,
     format_entry_id,
 )
+from streams.retention import trimmed_through
 from streams.topics import Topics
 
 log = logging.getLogger("eddy.fanout")
@@ -128,12 +132,18 @@ def reader_groups(redis: Redis, streams: Mapping[str, Shard]) -> list[dict[str, 
     return list(groups.values())
 
 
-def beyond_retention(after: EntryId, info: Mapping[str, Any]) -> bool:
-    """Whether a stream (its XINFO STREAM reply) may have lost entries after `after`."""
+def beyond_retention(
+    after: EntryId, info: Mapping[str, Any], trimmed: Mapping[bytes, bytes] | None = None
+) -> bool:
+    """Whether a stream (its XINFO STREAM reply, and the trimmer's record of it) may
+    have lost entries after `after`."""
     if entry_id_of(info["max-deleted-entry-id"]) > after:
         return True
     if info["entries-added"] <= info["length"]:
         return False  # nothing was ever trimmed or deleted
+    through = None if trimmed is None else trimmed_through(trimmed, info)
+    if through is not None:
+        return through > after  # every removed entry is at or before `through`
     first = info["first-entry"]
     if not first:
         return entry_id_of(info["last-generated-id"]) > after
@@ -454,14 +464,17 @@ class CatchUp:
             key = self._keys.event_stream(shard)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xinfo_stream(key)
+                pipe.hgetall(self._keys.trimmed(shard))
                 pipe.xrange(
                     key,
                     min=f"({format_entry_id(after)}",
                     max=format_entry_id(self._stop[shard]),
                     count=CATCH_UP_PAGE,
                 )
-                info, entries = await pipe.execute(raise_on_error=False)
-            if isinstance(info, ResponseError) or beyond_retention(after, info):
+                info, trimmed, entries = await pipe.execute(raise_on_error=False)
+            if isinstance(trimmed, Exception):
+                raise trimmed
+            if isinstance(info, ResponseError) or beyond_retention(after, info, trimmed):
                 raise BeyondRetention(key)
             if isinstance(entries, Exception):
                 raise entries

@@ -64,6 +64,24 @@ class Keys:
         """The lease of one shard for one role (`worker`, or `projection:<name>`)."""
         return f"{self._tag(shard)}:lease:{role}"
 
+    def trimmed(self, shard: Shard) -> str:
+        """How far the trimmer has trimmed the shard's event stream: a hash of `through`
+        (the last entry id trimmed) and `gone` (`streams/retention.py`)."""
+        return f"{self._tag(shard)}:events:trimmed"
+
+    def trimmer_lease(self) -> str:
+        """The lease of the one process that trims the streams (`streams/retention.py`)."""
+        return f"{self.prefix}:lease:trimmer"
+
+    def dead_letters(self, shard: Shard) -> str:
+        """The shard's dead letters: entries of its command or event stream that kept
+        failing, moved out of the way (`streams/deadletters.py`)."""
+        return f"{self._tag(shard)}:dead-letters"
+
+    def dead_letter_replay(self, shard: Shard, dead_letter: str) -> str:
+        """Held while one dead event is replayed, so two replays never overlap."""
+        return f"{self._tag(shard)}:dead-letter-replay:{dead_letter}"
+
     def command_locator(self, tenant_id: str, command_id: str) -> str:
         """Where a command id lives: `<context>:<shard>:<type>` (its own slot)."""
         return f"{self.prefix}:cmdloc:{_part(tenant_id)}:{command_id}"
@@ -76,6 +94,11 @@ class Keys:
         """The message streams started in a chat session that are not known stopped
         (a set kept by the process manager of `app/reactions.py`)."""
         return f"{self.prefix}:session-streams:{_part(tenant_id)}:{session_id}"
+
+    def rate_limit(self, kind: str, tenant_id: str) -> str:
+        """A tenant's rate limit of one kind (`commands`, `queries`): one GCRA value
+        (`streams/lua/rate_limit.lua`), a key of its own, so in a slot of its own."""
+        return f"{self.prefix}:rate:{_part(kind)}:{_part(tenant_id)}"
 
     def members(self, role: str) -> str:
         """Sorted set of live processes of one role, scored by their last heartbeat (ms)."""

@@ -37,6 +37,10 @@ from streams.keys import Keys, Shard
 
 log = logging.getLogger("eddy.lease")
 
+STOP_GRACE_S = 10.0
+"""How long a stopped unit may take to finish the batch in hand (a consumer shields
+it: `streams/consumer.py`) before its process gives up waiting and leaves."""
+
 
 class LeaseLost(Exception):
     """Raised inside a unit when its shard's lease is no longer held."""
@@ -129,14 +133,17 @@ class Balancer:
                     except (RedisError, OSError) as exc:
                         log.warning("balancer-tick-failed role=%s error=%s", self.role, exc)
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE_S + 2):
                     await self._leave()
                 tg.cancel_scope.cancel()
 
     async def _leave(self) -> None:
         for shard in list(self.running):
             await self._stop(shard)
-        await self.redis.zrem(self.keys.members(self.role), self.member)
+        try:
+            await self.redis.zrem(self.keys.members(self.role), self.member)
+        except (RedisError, OSError) as exc:  # Redis away: the heartbeat just ages out
+            log.warning("balancer-leave-failed role=%s error=%s", self.role, exc)
 
     async def _tick(self, tg: TaskGroup) -> None:
         now_ms = int(time.time() * 1000)

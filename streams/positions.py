@@ -25,14 +25,22 @@ EntryId = tuple[int, int]
 ZERO: EntryId = (0, 0)
 
 
+MAX_PART = 2**63
+"""Redis keeps both parts of an entry id in 64 bits; Postgres checkpoints in bigint."""
+
+
+def _in_range(entry: EntryId) -> bool:
+    return 0 <= entry[0] < MAX_PART and 0 <= entry[1] < MAX_PART
+
+
 def parse_entry_id(raw: str) -> EntryId:
     ms, _, seq = raw.partition("-")
-    try:
-        result = (int(ms), int(seq or "0"))
-    except ValueError:
-        raise BadPosition(f"bad stream position {raw!r}") from None
-    if result[0] < 0 or result[1] < 0:
-        raise BadPosition(f"bad stream position {raw!r}")
+    seq = seq or "0"
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        raise BadPosition(f"bad stream position {raw[:200]!r}")
+    result = (int(ms), int(seq))
+    if not _in_range(result):
+        raise BadPosition(f"bad stream position {raw[:200]!r}")
     return result
 
 
@@ -56,7 +64,11 @@ def parse_event_position(
     """Parse an event's position; raise `BadPosition` for anything Eddy did not issue."""
     context, _, rest = token.partition(".")
     number, _, entry = rest.partition(".")
-    if context not in contexts or not number.isdigit() or int(number) >= shards:
+    if (
+        context not in contexts
+        or not (number.isascii() and number.isdigit())
+        or int(number) >= shards
+    ):
         raise BadPosition(f"not an Eddy position: {token[:200]!r}")
     return Shard(context, int(number)), parse_entry_id(entry)
 
@@ -107,11 +119,14 @@ def _format_part(entry_id: EntryId) -> str:
 def _parse_part(part: str, token: str) -> EntryId:
     ms, _, seq = part.partition("_")
     try:
-        if not ms.isalnum() or not ms.isascii() or (seq and not seq.isalnum()):
+        if not (ms.isascii() and ms.isalnum()) or (seq and not (seq.isascii() and seq.isalnum())):
             raise ValueError(part)
-        return int(ms, 36), int(seq or "0", 36)
+        entry = int(ms, 36), int(seq or "0", 36)
     except ValueError:
         raise BadPosition(f"not an Eddy position: {token[:200]!r}") from None
+    if not _in_range(entry):
+        raise BadPosition(f"not an Eddy position: {token[:200]!r}")
+    return entry
 
 
 class Vector:

@@ -18,6 +18,12 @@ The owner of a shard keeps the states of recently used aggregates in memory, so
 a batch costs three round trips whatever its size. The XACK is part of the apply
 step: no crash can leave an applied command unacknowledged. The cache is only a
 guess: `apply.lua` checks every version, and a stale guess is decided again.
+
+A crash in a context's `decide` fails that command (`internal_error`) at once. A
+batch whose load or apply step keeps raising is narrowed down to its culprit by
+the consumer loop, which buries it after `EDDY_MAX_ATTEMPTS` (`streams/deadletters.py`:
+status `failed`, code `dead_lettered`, reservation freed); a record that cannot be
+decoded is buried at once.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from app.messages import (
 )
 from app.settings import Settings
 from streams.connection import Redis, Scripts
-from streams.consumer import Entry, consume
+from streams.consumer import Entry, Poison, consume
+from streams.deadletters import DeadLetters
 from streams.keys import COMMAND_GROUP, Keys, Shard
 from streams.lease import Balancer, LeaseLost, ShardLease
 
@@ -99,6 +106,7 @@ class ShardWorker:
         self.shard = shard
         self.states: OrderedDict[str, tuple[int, Any]] = OrderedDict()
         self.lease: ShardLease | None = None
+        self.dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s)
 
     async def run(self, lease: ShardLease, consumer: str) -> None:
         self.lease = lease
@@ -111,27 +119,47 @@ class ShardWorker:
             lease=lease,
             batch=self.settings.batch_size,
             claim_idle_ms=self.settings.claim_idle_ms,
+            poison=Poison(bury=self.bury, max_attempts=self.settings.max_attempts),
         )
 
     async def handle(self, entries: list[Entry]) -> list[bytes]:
-        """Apply a batch; return the entries to acknowledge besides those `apply.lua` did."""
+        """Apply a batch (`apply.lua` acknowledges it); bury undecodable records."""
         commands: list[_Command] = []
-        undecodable: list[bytes] = []
         for entry_id, fields in entries:
             try:
                 commands.append(_Command(entry_id, record_decoder.decode(fields[b"c"])))
-            except (KeyError, msgspec.DecodeError):
+            except (KeyError, msgspec.DecodeError) as exc:
                 log.error("command-undecodable stream=%s entry=%s", self.shard.name, entry_id)
-                undecodable.append(entry_id)
+                await self.bury((entry_id, fields), exc, 1)
         pending = commands
         marked = False
         for _ in range(MAX_ROUNDS):
             if not pending:
-                return undecodable
+                return []
             await self._load(pending, mark_consumed=not marked)
             marked = True
             pending = await self._apply_round(pending)
         raise RuntimeError(f"commands kept conflicting on shard {self.shard.name}")
+
+    async def bury(self, entry: Entry, error: BaseException, attempts: int) -> None:
+        """Move a command that keeps failing to the shard's dead letters (its status
+        `failed`), and free the value it reserved, as a failed command does."""
+        assert self.lease is not None
+        dead = await self.dead_letters.bury(
+            self.lease, self.shard, COMMAND_GROUP, entry, error, attempts
+        )
+        if dead is None:
+            return
+        try:
+            record = record_decoder.decode(entry[1][b"c"])
+            command_type = COMMANDS[record.type]
+            command = command_type.decoder.decode(record.payload)
+        except (KeyError, msgspec.DecodeError):
+            return
+        unique = command_type.context.unique
+        if unique is not None and (claim := unique(command)) is not None:
+            key = self.keys.reservation(command_type.context.name, record.tenant_id, *claim)
+            await self.scripts.lease_release(keys=[key], args=[record.id])
 
     def _status_key(self, record: CommandRecord) -> str:
         return self.keys.command_status(self.shard, record.tenant_id, record.id)

@@ -1,4 +1,5 @@
-"""Real `eddy worker` and `eddy projector` processes, for tests that SIGKILL them.
+"""Real `eddy web`, `eddy worker` and `eddy projector` processes, for tests that
+SIGKILL them.
 
 Each process is the venv's `eddy` console script, configured only by its
 environment (built from the test's `Settings`, never from the test runner's own
@@ -7,7 +8,9 @@ kills whatever it started when it closes, whatever happened in between (and wher
 `setpriv` exists, a process also dies with the test runner itself).
 
 A process is ready once it heartbeats into its role's member set; the member it
-adds there is its lease-owner token, so a test can tell which shards it holds.
+adds there is its lease-owner token, so a test can tell which shards it holds. A
+web process listens on a free port of 127.0.0.1 (its `url`) and is ready once
+`/healthz` answers.
 `pause()` (SIGSTOP) freezes a process so a test can look at what it holds before
 deciding to kill it at exactly that instant.
 """
@@ -27,8 +30,10 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import httpx
 from anyio.abc import Process
 
+from app.embedded import free_port
 from app.settings import Settings
 from projections import PROJECTIONS
 from streams.connection import Redis
@@ -71,11 +76,13 @@ def environment(settings: Settings) -> dict[str, str]:
 @dataclass
 class EddyProcess:
     kind: str
-    """`worker` or `projector`."""
+    """`web`, `worker` or `projector`."""
     process: Process
     log_path: Path
     member: str = ""
-    """Its lease-owner token, known once it is ready."""
+    """Its lease-owner token, known once it is ready (not for `web`)."""
+    url: str = ""
+    """A web process's base URL (`http://127.0.0.1:<port>`)."""
     killed_at: float | None = None
     """`time.monotonic()` of the SIGKILL, if it was killed."""
 
@@ -128,20 +135,31 @@ class Fleet:
         return {m.decode() for m in raw}
 
     async def start(self, kind: str) -> EddyProcess:
-        """Start one process and wait until it heartbeats; learn its member token."""
-        before = await self.members(kind) | {p.member for p in self.processes}
+        """Start one process and wait until it heartbeats (learning its member
+        token), or for `web`, until it answers `/healthz`."""
+        before = set() if kind == "web" else await self.members(kind)
+        before |= {p.member for p in self.processes}
         log_path = self.log_dir / f"{kind}-{len(self.processes)}.log"
         log = log_path.open("wb")
         self._logs.append(log)
+        env = environment(self.settings)
+        url = ""
+        if kind == "web":
+            port = free_port()
+            env |= {"PORT": str(port), "EDDY_HOST": "127.0.0.1"}
+            url = f"http://127.0.0.1:{port}"
         process = await anyio.open_process(
             [*([SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []), str(EDDY), kind],
-            env=environment(self.settings),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        started = EddyProcess(kind, process, log_path)
+        started = EddyProcess(kind, process, log_path, url=url)
         self.processes.append(started)
+        if kind == "web":
+            await _until_healthy(started)
+            return started
         with anyio.fail_after(START_TIMEOUT_S):
             while True:
                 if process.returncode is not None:
@@ -161,6 +179,20 @@ class Fleet:
                 await p.process.aclose()
         for log in self._logs:
             log.close()
+
+
+async def _until_healthy(web: EddyProcess) -> None:
+    with anyio.fail_after(START_TIMEOUT_S):
+        async with httpx.AsyncClient(base_url=web.url, timeout=1) as client:
+            while True:
+                if web.process.returncode is not None:
+                    raise RuntimeError(f"eddy web exited early:\n{web.log_tail()}")
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.02)
 
 
 @asynccontextmanager

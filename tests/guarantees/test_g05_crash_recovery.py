@@ -412,7 +412,7 @@ async def submit_all(p: Pipeline, order: list[Planned]) -> None:
             async with anyio.create_task_group() as tg:
                 for command_id, type_name, payload in wave:
                     tg.start_soon(submit_one, p, command_id, type_name, payload)
-        await anyio.sleep(SUBMIT_S / BURSTS - (time.monotonic() - burst_started))
+        await anyio.sleep(max(0.0, SUBMIT_S / BURSTS - (time.monotonic() - burst_started)))
 
 
 async def submit_one(p: Pipeline, command_id: str, type_name: str, payload: Payload) -> None:
