@@ -253,7 +253,7 @@ def embedded_postgres(
     except BaseException:  # interrupted mid-start: pg_ctl may have left a postmaster
         pg.stop()
         raise
-    url = f"postgresql://postgres@{HOST}:{chosen}/postgres"
+    url = f"postgresql://postgres@{HOST}:{chosen}/postgres?sslmode=disable"  # local: no TLS
     log.info(
         "embedded-started server=postgres url=%s seconds=%.2f", url, time.monotonic() - started
     )

@@ -246,6 +246,11 @@ class Bench:
             "EDDY_DB_SCHEMA": self.schema,
             "EDDY_JWT_SECRET": self.secret,
             "EDDY_LOG_LEVEL": "warning",
+            # Capacity, not policy: the rate limits (5,000 commands/s per tenant by
+            # default) would cap the one-tenant bursts.
+            "EDDY_TENANT_COMMANDS_PER_S": "0",
+            "EDDY_TENANT_QUERIES_PER_S": "0",
+            "EDDY_CONNECTION_REQUESTS_PER_S": "0",
         }
         self.settings = Settings.from_env(self.env)
         self.keys = Keys(self.prefix, self.settings.shards)

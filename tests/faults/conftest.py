@@ -112,7 +112,7 @@ class PostgresProcess:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@{embedded.HOST}:{self.port}/postgres"
+        return f"postgresql://postgres@{embedded.HOST}:{self.port}/postgres?sslmode=disable"
 
     def start(self) -> None:
         if not (self.server.data / "PG_VERSION").exists():
