@@ -55,6 +55,7 @@ from starlette.requests import Request
 from app.auth import Principal, authenticate
 from app.errors import RateLimited
 from app.settings import Settings
+from streams.batching import Coalescer
 from streams.connection import Redis, Scripts
 from streams.keys import Keys
 
@@ -160,6 +161,11 @@ class _Ask:
         self.wait_s: float | None = None
 
 
+def _let_through(left: list[_Ask]) -> None:
+    for ask in left:  # stopping: let them through, the bus answers 503
+        ask.done.set()
+
+
 class TenantLimiter:
     """Per-tenant limits in Redis, one per `Kind`. While `run()` runs, concurrent
     checks go to Redis together; without it, each check is a round trip of its own."""
@@ -177,9 +183,7 @@ class TenantLimiter:
         self.keys = keys
         self.rates = rates
         self._refused = refused
-        self._queue: list[_Ask] = []
-        self._arrived = anyio.Event()
-        self._running = False
+        self._batches = Coalescer(self._flush, stopped=_let_through)
         self._over: dict[tuple[Kind, str], float] = {}
         """(kind, tenant) → `time.monotonic()` before which the tenant has no token."""
         self._sweep_at = SWEEP_FROM
@@ -188,19 +192,7 @@ class TenantLimiter:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send waiting checks in batches until cancelled."""
-        self._running = True
-        task_status.started()
-        try:
-            while True:
-                await self._arrived.wait()
-                self._arrived = anyio.Event()
-                while self._queue:
-                    batch, self._queue = self._queue, []
-                    await self._flush(batch)
-        finally:
-            self._running = False
-            for ask in self._queue:  # stopping: let them through, the bus answers 503
-                ask.done.set()
+        await self._batches.run(task_status=task_status)
 
     async def take(self, kind: Kind, tenant: str) -> None:
         """Count one request of `tenant`; `RateLimited` if it is over its `kind` rate."""
@@ -216,12 +208,7 @@ class TenantLimiter:
         if now < self._paused_until:
             return
         ask = _Ask(kind, tenant)
-        if self._running:
-            self._queue.append(ask)
-            self._arrived.set()
-            await ask.done.wait()
-        else:
-            await self._flush([ask])
+        await self._batches.put(ask, ask.done)
         if ask.wait_s is not None:
             raise self._refusal(kind, ask.wait_s)
 

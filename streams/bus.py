@@ -11,7 +11,6 @@ without a status is a command never accepted.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Any
 
 import anyio
@@ -21,6 +20,7 @@ from redis.exceptions import RedisError
 
 from app.errors import ConfigurationError, EddyError, IdempotencyConflict, Unavailable
 from app.messages import CommandRecord, Envelope, envelope_decoder
+from streams.batching import Coalescer
 from streams.connection import Redis, Scripts
 from streams.consumer import poll
 from streams.keys import Keys, Shard
@@ -73,6 +73,12 @@ class _Pending:
         self.outcome: Accepted | EddyError | None = None
 
 
+def _stopping(left: list[_Pending]) -> None:
+    for pending in left:
+        pending.outcome = Unavailable("the web process is stopping; retry with the same key")
+        pending.done.set()
+
+
 class CommandBus:
     """Accepts commands and reads their statuses.
 
@@ -93,41 +99,16 @@ class CommandBus:
         self.batch_limit = batch_limit
         self._layout_checked = False
         """Whether the shard count was checked against the data's (before the first write)."""
-        self._queue: deque[_Pending] = deque()
-        self._arrived = anyio.Event()
-        self._running = False
+        self._batches = Coalescer(self._flush, stopped=_stopping, limit=batch_limit)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send queued submissions in batches until cancelled."""
-        self._running = True
-        task_status.started()
-        try:
-            while True:
-                await self._arrived.wait()
-                self._arrived = anyio.Event()
-                while self._queue:
-                    batch = [
-                        self._queue.popleft()
-                        for _ in range(min(len(self._queue), self.batch_limit))
-                    ]
-                    await self._flush(batch)
-        finally:
-            self._running = False
-            for pending in self._queue:
-                pending.outcome = Unavailable(
-                    "the web process is stopping; retry with the same key"
-                )
-                pending.done.set()
+        await self._batches.run(task_status=task_status)
 
     async def submit(self, record: CommandRecord, shard: Shard) -> Accepted:
         """Accept a command (idempotent by its id). Raises `Unavailable`, `IdempotencyConflict`."""
         pending = _Pending(record, shard)
-        if self._running:
-            self._queue.append(pending)
-            self._arrived.set()
-            await pending.done.wait()
-        else:
-            await self._flush([pending])
+        await self._batches.put(pending, pending.done)
         assert pending.outcome is not None
         if isinstance(pending.outcome, EddyError):
             raise pending.outcome
