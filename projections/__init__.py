@@ -28,12 +28,13 @@ PROJECTIONS: tuple[Projection, ...] = (
 )
 
 VIEWS: tuple[View, ...] = (
-    views.CHAT_SESSION_SUMMARIES,
-    views.SESSION_TRACE_STATS,
-    views.TOOL_USAGE,
+    chat_sessions.CHAT_SESSION_SUMMARIES,
+    traces.SESSION_TRACE_STATS,
+    tools.TOOL_USAGE,
 )
-"""Materialized views over the projections' tables (`projections/views.py`):
-`eddy migrate` creates them, the projector refreshes them."""
+"""Materialized views over the projections' tables, declared beside the projection
+that owns them (`projections/views.py`): `eddy migrate` creates them, the projector
+refreshes them."""
 
 # Each view's queries are served with those of the first projection it reads.
 PROJECTIONS = views.serving(PROJECTIONS, VIEWS)

@@ -16,8 +16,13 @@ from app.contexts.chat_sessions import (
     ChatSessionCreated,
     ChatSessionParticipantsUpdated,
 )
-from app.contexts.message_streams import MessageStreamStopped
+from app.contexts.message_streams import (
+    MessageStreamStarted,
+    MessageStreamStopped,
+    StreamMessagePushed,
+)
 from app.messages import Envelope
+from projections import message_streams
 from projections.db import Connection
 from projections.projection import (
     Answer,
@@ -31,6 +36,7 @@ from projections.projection import (
     one,
     tables,
 )
+from projections.views import View, event_types
 
 COLUMNS = (
     "session_id, agent_id, status, participants, metadata, routing, close_reason,"
@@ -170,6 +176,81 @@ PROJECTION = Projection(
                 scope=lambda args: args.path["session_id"],
                 invalidated_by=(Invalidation((MessageStreamStopped,), scopes=_session_of),),
             ),
+        ),
+    ),
+)
+
+
+# ---- materialized views over these tables (projections/views.py) ---------------
+
+CHAT_SESSION_SUMMARY_COLUMNS = (
+    "agent_id, sessions, active_sessions, closed_sessions, archived_sessions,"
+    " streams_started, active_streams, last_activity_at"
+)
+BY_AGENT = Keyset(("agent_id",), (str,))
+
+
+async def get_agent_summary(conn: Connection, args: QueryArgs) -> Answer:
+    """An agent's chat sessions and message streams in numbers; 404 if it has no session."""
+    select = f"SELECT {CHAT_SESSION_SUMMARY_COLUMNS} FROM chat_session_summaries"
+    return await one(conn, select, "agent_id", args)
+
+
+async def list_chat_session_summaries(conn: Connection, args: QueryArgs) -> Answer:
+    """Every agent's summary (one agent's with `?agent_id=`), by agent id."""
+    where = ["tenant_id = $1"]
+    values: list[Any] = [args.tenant_id]
+    if args.params.get("agent_id"):
+        values.append(args.params["agent_id"])
+        where.append(f"agent_id = ${len(values)}")
+    select = f"SELECT {CHAT_SESSION_SUMMARY_COLUMNS} FROM chat_session_summaries"
+    return await BY_AGENT.page(conn, args, select, where, values)
+
+
+CHAT_SESSION_SUMMARIES = View(
+    name="chat_session_summaries",
+    select="""
+SELECT s.tenant_id, s.agent_id,
+    count(*) AS sessions,
+    count(*) FILTER (WHERE s.status = 'active') AS active_sessions,
+    count(*) FILTER (WHERE s.status = 'closed') AS closed_sessions,
+    count(*) FILTER (WHERE s.status = 'archived') AS archived_sessions,
+    coalesce(sum(m.streams), 0)::bigint AS streams_started,
+    coalesce(sum(m.active_streams), 0)::bigint AS active_streams,
+    greatest(max(s.updated_at), max(m.updated_at)) AS last_activity_at
+FROM chat_sessions AS s
+LEFT JOIN (
+    SELECT tenant_id, session_id, count(*) AS streams,
+        count(*) FILTER (WHERE status = 'active') AS active_streams,
+        max(updated_at) AS updated_at
+    FROM message_streams
+    GROUP BY tenant_id, session_id
+) AS m USING (tenant_id, session_id)
+GROUP BY s.tenant_id, s.agent_id
+""",
+    unique=("tenant_id", "agent_id"),
+    stale_on=event_types(
+        ChatSessionCreated,
+        ChatSessionParticipantsUpdated,  # moves the session's updated_at
+        ChatSessionClosed,
+        ChatSessionArchived,
+        MessageStreamStarted,
+        StreamMessagePushed,  # moves the stream's updated_at
+        MessageStreamStopped,
+    ),
+    reads=(PROJECTION, message_streams.PROJECTION),
+    queries=(
+        Query(
+            "GetAgentSessionSummary",
+            "/v1/agents/{agent_id}/summary",
+            get_agent_summary,
+            view="chat_session_summaries",
+        ),
+        Query(
+            "ListChatSessionSummaries",
+            "/v1/chat-session-summaries",
+            list_chat_session_summaries,
+            view="chat_session_summaries",
         ),
     ),
 )

@@ -11,7 +11,9 @@ from typing import Any
 
 from app.contexts import EVENTS
 from app.contexts.tools import ToolDeactivated, ToolRegistered, ToolUpdated
+from app.contexts.traces import TracePurged, TraceSpanAppended
 from app.messages import Envelope
+from projections import traces
 from projections.db import Connection
 from projections.projection import (
     Answer,
@@ -25,6 +27,7 @@ from projections.projection import (
     one,
     tables,
 )
+from projections.views import View, event_types
 
 COLUMNS = (
     "tool_id, name, description, input_schema, runtime_hints, guardrails, active,"
@@ -123,5 +126,55 @@ PROJECTION = Projection(
             ),
         ),
         Query("GetToolById", "/v1/tools/{tool_id}", get_tool),
+    ),
+)
+
+
+# ---- materialized views over these tables (projections/views.py) ---------------
+
+TOOL_USAGE_COLUMNS = "tool_id, name, active, calls, error_calls, last_used_at"
+
+
+async def get_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
+    return await one(conn, f"SELECT {TOOL_USAGE_COLUMNS} FROM tool_usage", "tool_id", args)
+
+
+async def list_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
+    """Every tool's usage by name (`?active=true|false` like `GET /v1/tools`)."""
+    active = args.choice("active", ("true", "false", "all"), "all")
+    where = ["tenant_id = $1"]
+    values: list[Any] = [args.tenant_id]
+    if active != "all":
+        values.append(active == "true")
+        where.append(f"active = ${len(values)}")
+    select = f"SELECT {TOOL_USAGE_COLUMNS} FROM tool_usage"
+    return await BY_NAME.page(conn, args, select, where, values)
+
+
+TOOL_USAGE = View(
+    name="tool_usage",
+    # A call of a tool is a trace span whose `attributes.tool` is the tool's name.
+    select="""
+SELECT t.tenant_id, t.tool_id, t.name, t.active,
+    coalesce(u.calls, 0) AS calls,
+    coalesce(u.error_calls, 0) AS error_calls,
+    u.last_used_at
+FROM tools AS t
+LEFT JOIN (
+    SELECT tenant_id, attributes ->> 'tool' AS name, count(*) AS calls,
+        count(*) FILTER (WHERE status = 'error') AS error_calls,
+        max(started_at) AS last_used_at
+    FROM trace_spans
+    WHERE attributes ->> 'tool' IS NOT NULL
+    GROUP BY tenant_id, attributes ->> 'tool'
+) AS u ON u.tenant_id = t.tenant_id AND u.name = t.name
+""",
+    unique=("tenant_id", "tool_id"),
+    indexes=(("tenant_id", "name", "tool_id"),),
+    stale_on=event_types(ToolRegistered, ToolDeactivated, TraceSpanAppended, TracePurged),
+    reads=(PROJECTION, traces.PROJECTION),
+    queries=(
+        Query("ListToolUsage", "/v1/tool-usage", list_tool_usage, view="tool_usage"),
+        Query("GetToolUsage", "/v1/tools/{tool_id}/usage", get_tool_usage, view="tool_usage"),
     ),
 )

@@ -9,6 +9,7 @@ bring them back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ from projections.projection import (
     one,
     tables,
 )
+from projections.views import View, event_types
 
 TRACE_COLUMNS = (
     "trace_id, session_id, status, span_count, started_at, finalized_at,"
@@ -167,5 +169,77 @@ PROJECTION = Projection(
         ),
         Query("GetTraceById", "/v1/traces/{trace_id}", get_trace),
         Query("ListTraceSpans", "/v1/traces/{trace_id}/spans", list_spans),
+    ),
+)
+
+
+# ---- materialized views over these tables (projections/views.py) ---------------
+
+TRACE_STATS_COLUMNS = (
+    "session_id, trace_count, finalized_traces, span_count, error_spans,"
+    " started_at, ended_at, duration_ms"
+)
+NO_TRACES: Mapping[str, Any] = {
+    "trace_count": 0,
+    "finalized_traces": 0,
+    "span_count": 0,
+    "error_spans": 0,
+    "started_at": None,
+    "ended_at": None,
+    "duration_ms": None,
+}
+
+
+async def get_session_trace_stats(conn: Connection, args: QueryArgs) -> Answer:
+    """The traces of a chat session in numbers: zeros for a session without traces,
+    404 for neither a session nor traces naming it."""
+    select = f"SELECT {TRACE_STATS_COLUMNS} FROM session_trace_stats"
+    stats = await one(conn, select, "session_id", args)
+    if stats is not None:
+        return stats
+    session_id = args.path["session_id"]
+    exists = await conn.fetchval(
+        "SELECT 1 FROM chat_sessions WHERE tenant_id = $1 AND session_id = $2",
+        args.tenant_id,
+        session_id,
+    )
+    return {"session_id": session_id, **NO_TRACES} if exists else None
+
+
+SESSION_TRACE_STATS = View(
+    name="session_trace_stats",
+    select="""
+SELECT t.tenant_id, t.session_id,
+    count(*) AS trace_count,
+    count(*) FILTER (WHERE t.status = 'finalized') AS finalized_traces,
+    coalesce(sum(s.spans), 0)::bigint AS span_count,
+    coalesce(sum(s.error_spans), 0)::bigint AS error_spans,
+    min(s.started_at) AS started_at,
+    max(s.ended_at) AS ended_at,
+    (extract(epoch FROM max(s.ended_at) - min(s.started_at)) * 1000)::double precision
+        AS duration_ms
+FROM traces AS t
+LEFT JOIN (
+    SELECT tenant_id, trace_id, count(*) AS spans,
+        count(*) FILTER (WHERE status = 'error') AS error_spans,
+        min(started_at) AS started_at,
+        max(ended_at) AS ended_at
+    FROM trace_spans
+    GROUP BY tenant_id, trace_id
+) AS s USING (tenant_id, trace_id)
+WHERE t.session_id IS NOT NULL
+GROUP BY t.tenant_id, t.session_id
+""",
+    unique=("tenant_id", "session_id"),
+    stale_on=event_types(TraceSpanAppended, TraceFinalized, TracePurged),
+    reads=(PROJECTION,),
+    queries=(
+        Query(
+            "GetSessionTraceStats",
+            "/v1/chat-sessions/{session_id}/trace-stats",
+            get_session_trace_stats,
+            also_from=("chat_sessions",),  # a session without traces answers zeros
+            view="session_trace_stats",
+        ),
     ),
 )

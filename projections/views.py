@@ -1,4 +1,5 @@
-"""Materialized views over the projections' tables: declared here, created by
+"""Materialized views over the projections' tables: declared beside the projection
+that owns them (`VIEWS` in `projections/__init__.py` lists them), created by
 `eddy migrate`, refreshed by the projector processes when events they depend on
 are committed, and queried like a projection's tables.
 
@@ -43,31 +44,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from app.contexts.chat_sessions import (
-    ChatSessionArchived,
-    ChatSessionClosed,
-    ChatSessionCreated,
-    ChatSessionParticipantsUpdated,
-)
-from app.contexts.message_streams import (
-    MessageStreamStarted,
-    MessageStreamStopped,
-    StreamMessagePushed,
-)
-from app.contexts.tools import ToolDeactivated, ToolRegistered
-from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
 from app.messages import Envelope, Event
-from projections import chat_sessions, message_streams, tools, traces
 from projections.db import Connection, Pool
-from projections.projection import Answer, Keyset, Projection, Query, QueryArgs, one
+from projections.projection import Projection, Query
 from streams.consumer import RETRYABLE, Backoff
 from streams.keys import Shard
 from streams.positions import EntryId, parse_entry_id
@@ -405,197 +391,3 @@ class Refresher:
             return
         for row in rows:
             self._dirty.add(row["view_name"])
-
-
-# ---- the views and their queries -----------------------------------------------
-
-CHAT_SESSION_SUMMARY_COLUMNS = (
-    "agent_id, sessions, active_sessions, closed_sessions, archived_sessions,"
-    " streams_started, active_streams, last_activity_at"
-)
-BY_AGENT = Keyset(("agent_id",), (str,))
-
-
-async def get_agent_summary(conn: Connection, args: QueryArgs) -> Answer:
-    """An agent's chat sessions and message streams in numbers; 404 if it has no session."""
-    select = f"SELECT {CHAT_SESSION_SUMMARY_COLUMNS} FROM chat_session_summaries"
-    return await one(conn, select, "agent_id", args)
-
-
-async def list_chat_session_summaries(conn: Connection, args: QueryArgs) -> Answer:
-    """Every agent's summary (one agent's with `?agent_id=`), by agent id."""
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if args.params.get("agent_id"):
-        values.append(args.params["agent_id"])
-        where.append(f"agent_id = ${len(values)}")
-    select = f"SELECT {CHAT_SESSION_SUMMARY_COLUMNS} FROM chat_session_summaries"
-    return await BY_AGENT.page(conn, args, select, where, values)
-
-
-CHAT_SESSION_SUMMARIES = View(
-    name="chat_session_summaries",
-    select="""
-SELECT s.tenant_id, s.agent_id,
-    count(*) AS sessions,
-    count(*) FILTER (WHERE s.status = 'active') AS active_sessions,
-    count(*) FILTER (WHERE s.status = 'closed') AS closed_sessions,
-    count(*) FILTER (WHERE s.status = 'archived') AS archived_sessions,
-    coalesce(sum(m.streams), 0)::bigint AS streams_started,
-    coalesce(sum(m.active_streams), 0)::bigint AS active_streams,
-    greatest(max(s.updated_at), max(m.updated_at)) AS last_activity_at
-FROM chat_sessions AS s
-LEFT JOIN (
-    SELECT tenant_id, session_id, count(*) AS streams,
-        count(*) FILTER (WHERE status = 'active') AS active_streams,
-        max(updated_at) AS updated_at
-    FROM message_streams
-    GROUP BY tenant_id, session_id
-) AS m USING (tenant_id, session_id)
-GROUP BY s.tenant_id, s.agent_id
-""",
-    unique=("tenant_id", "agent_id"),
-    stale_on=event_types(
-        ChatSessionCreated,
-        ChatSessionParticipantsUpdated,  # moves the session's updated_at
-        ChatSessionClosed,
-        ChatSessionArchived,
-        MessageStreamStarted,
-        StreamMessagePushed,  # moves the stream's updated_at
-        MessageStreamStopped,
-    ),
-    reads=(chat_sessions.PROJECTION, message_streams.PROJECTION),
-    queries=(
-        Query(
-            "GetAgentSessionSummary",
-            "/v1/agents/{agent_id}/summary",
-            get_agent_summary,
-            view="chat_session_summaries",
-        ),
-        Query(
-            "ListChatSessionSummaries",
-            "/v1/chat-session-summaries",
-            list_chat_session_summaries,
-            view="chat_session_summaries",
-        ),
-    ),
-)
-
-
-TRACE_STATS_COLUMNS = (
-    "session_id, trace_count, finalized_traces, span_count, error_spans,"
-    " started_at, ended_at, duration_ms"
-)
-NO_TRACES: Mapping[str, Any] = {
-    "trace_count": 0,
-    "finalized_traces": 0,
-    "span_count": 0,
-    "error_spans": 0,
-    "started_at": None,
-    "ended_at": None,
-    "duration_ms": None,
-}
-
-
-async def get_session_trace_stats(conn: Connection, args: QueryArgs) -> Answer:
-    """The traces of a chat session in numbers: zeros for a session without traces,
-    404 for neither a session nor traces naming it."""
-    select = f"SELECT {TRACE_STATS_COLUMNS} FROM session_trace_stats"
-    stats = await one(conn, select, "session_id", args)
-    if stats is not None:
-        return stats
-    session_id = args.path["session_id"]
-    exists = await conn.fetchval(
-        "SELECT 1 FROM chat_sessions WHERE tenant_id = $1 AND session_id = $2",
-        args.tenant_id,
-        session_id,
-    )
-    return {"session_id": session_id, **NO_TRACES} if exists else None
-
-
-SESSION_TRACE_STATS = View(
-    name="session_trace_stats",
-    select="""
-SELECT t.tenant_id, t.session_id,
-    count(*) AS trace_count,
-    count(*) FILTER (WHERE t.status = 'finalized') AS finalized_traces,
-    coalesce(sum(s.spans), 0)::bigint AS span_count,
-    coalesce(sum(s.error_spans), 0)::bigint AS error_spans,
-    min(s.started_at) AS started_at,
-    max(s.ended_at) AS ended_at,
-    (extract(epoch FROM max(s.ended_at) - min(s.started_at)) * 1000)::double precision
-        AS duration_ms
-FROM traces AS t
-LEFT JOIN (
-    SELECT tenant_id, trace_id, count(*) AS spans,
-        count(*) FILTER (WHERE status = 'error') AS error_spans,
-        min(started_at) AS started_at,
-        max(ended_at) AS ended_at
-    FROM trace_spans
-    GROUP BY tenant_id, trace_id
-) AS s USING (tenant_id, trace_id)
-WHERE t.session_id IS NOT NULL
-GROUP BY t.tenant_id, t.session_id
-""",
-    unique=("tenant_id", "session_id"),
-    stale_on=event_types(TraceSpanAppended, TraceFinalized, TracePurged),
-    reads=(traces.PROJECTION,),
-    queries=(
-        Query(
-            "GetSessionTraceStats",
-            "/v1/chat-sessions/{session_id}/trace-stats",
-            get_session_trace_stats,
-            also_from=("chat_sessions",),  # a session without traces answers zeros
-            view="session_trace_stats",
-        ),
-    ),
-)
-
-
-TOOL_USAGE_COLUMNS = "tool_id, name, active, calls, error_calls, last_used_at"
-BY_NAME = Keyset(("name", "tool_id"), (str, str))
-
-
-async def get_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
-    return await one(conn, f"SELECT {TOOL_USAGE_COLUMNS} FROM tool_usage", "tool_id", args)
-
-
-async def list_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
-    """Every tool's usage by name (`?active=true|false` like `GET /v1/tools`)."""
-    active = args.choice("active", ("true", "false", "all"), "all")
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if active != "all":
-        values.append(active == "true")
-        where.append(f"active = ${len(values)}")
-    select = f"SELECT {TOOL_USAGE_COLUMNS} FROM tool_usage"
-    return await BY_NAME.page(conn, args, select, where, values)
-
-
-TOOL_USAGE = View(
-    name="tool_usage",
-    # A call of a tool is a trace span whose `attributes.tool` is the tool's name.
-    select="""
-SELECT t.tenant_id, t.tool_id, t.name, t.active,
-    coalesce(u.calls, 0) AS calls,
-    coalesce(u.error_calls, 0) AS error_calls,
-    u.last_used_at
-FROM tools AS t
-LEFT JOIN (
-    SELECT tenant_id, attributes ->> 'tool' AS name, count(*) AS calls,
-        count(*) FILTER (WHERE status = 'error') AS error_calls,
-        max(started_at) AS last_used_at
-    FROM trace_spans
-    WHERE attributes ->> 'tool' IS NOT NULL
-    GROUP BY tenant_id, attributes ->> 'tool'
-) AS u ON u.tenant_id = t.tenant_id AND u.name = t.name
-""",
-    unique=("tenant_id", "tool_id"),
-    indexes=(("tenant_id", "name", "tool_id"),),
-    stale_on=event_types(ToolRegistered, ToolDeactivated, TraceSpanAppended, TracePurged),
-    reads=(tools.PROJECTION, traces.PROJECTION),
-    queries=(
-        Query("ListToolUsage", "/v1/tool-usage", list_tool_usage, view="tool_usage"),
-        Query("GetToolUsage", "/v1/tools/{tool_id}/usage", get_tool_usage, view="tool_usage"),
-    ),
-)

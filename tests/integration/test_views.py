@@ -19,9 +19,11 @@ from app.contexts.chat_sessions import ChatSessionClosed, ChatSessionCreated
 from app.messages import Envelope
 from app.settings import Settings
 from projections import PROJECTIONS, VIEWS, chat_sessions, db, views
+from projections.chat_sessions import CHAT_SESSION_SUMMARIES
 from projections.projection import Projection
 from projections.projector import Hooks, run_projector
-from projections.views import CHAT_SESSION_SUMMARIES, TOOL_USAGE, Refresher, View, event_types
+from projections.tools import TOOL_USAGE
+from projections.views import Refresher, View, event_types
 from streams.connection import Redis
 from streams.keys import Shard
 from streams.positions import parse_event_position
