@@ -101,16 +101,9 @@ async def get_session(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_sessions(conn: Connection, args: QueryArgs) -> Answer:
     status = args.choice("status", ("active", "closed", "archived", "all"), "all")
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if args.params.get("agent_id"):
-        values.append(args.params["agent_id"])
-        where.append(f"agent_id = ${len(values)}")
-    if status != "all":
-        values.append(status)
-        where.append(f"status = ${len(values)}")
-    select = f"SELECT {COLUMNS} FROM chat_sessions"
-    return await NEWEST_FIRST.page(conn, args, select, where, values)
+    equal = {"agent_id": args.params.get("agent_id") or None}
+    equal["status"] = None if status == "all" else status
+    return await NEWEST_FIRST.page(conn, args, f"SELECT {COLUMNS} FROM chat_sessions", equal)
 
 
 async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
@@ -129,8 +122,7 @@ async def get_transcript(conn: Connection, args: QueryArgs) -> Answer:
         args,
         "SELECT stream_id, participant_id, text, started_at, stopped_at"
         " FROM chat_transcript_blocks",
-        ["tenant_id = $1", "session_id = $2"],
-        [args.tenant_id, session_id],
+        {"session_id": session_id},
     )
     return {"session_id": session_id, "blocks": page["items"], "next_cursor": page["next_cursor"]}
 
@@ -198,13 +190,10 @@ async def get_agent_summary(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_chat_session_summaries(conn: Connection, args: QueryArgs) -> Answer:
     """Every agent's summary (one agent's with `?agent_id=`), by agent id."""
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if args.params.get("agent_id"):
-        values.append(args.params["agent_id"])
-        where.append(f"agent_id = ${len(values)}")
     select = f"SELECT {CHAT_SESSION_SUMMARY_COLUMNS} FROM chat_session_summaries"
-    return await BY_AGENT.page(conn, args, select, where, values)
+    return await BY_AGENT.page(
+        conn, args, select, {"agent_id": args.params.get("agent_id") or None}
+    )
 
 
 CHAT_SESSION_SUMMARIES = View(

@@ -10,7 +10,6 @@ batch instead of once per chunk. Every write is guarded by the aggregate version
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from app.contexts import EVENTS
 from app.contexts.message_streams import (
@@ -135,16 +134,12 @@ async def get_stream(conn: Connection, args: QueryArgs) -> Answer:
 async def list_streams(conn: Connection, args: QueryArgs) -> Answer:
     """Streams in start order; `active=true` (the default), `false` or `all`."""
     active = args.choice("active", ("true", "false", "all"), "true")
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if args.params.get("session_id"):
-        values.append(args.params["session_id"])
-        where.append(f"session_id = ${len(values)}")
-    if active != "all":
-        values.append("active" if active == "true" else "stopped")
-        where.append(f"status = ${len(values)}")
+    equal = {
+        "session_id": args.params.get("session_id") or None,
+        "status": {"true": "active", "false": "stopped", "all": None}[active],
+    }
     select = f"SELECT {COLUMNS} FROM message_streams"
-    return await IN_START_ORDER.page(conn, args, select, where, values)
+    return await IN_START_ORDER.page(conn, args, select, equal)
 
 
 PROJECTION = Projection(

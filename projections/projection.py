@@ -83,14 +83,19 @@ class Keyset:
         conn: Connection,
         args: QueryArgs,
         select: str,
-        where: Sequence[str],
-        values: Sequence[Any],
+        equal: Mapping[str, Any] | None = None,
         item: Callable[[Any], dict[str, Any]] = dict,
     ) -> dict[str, Any]:
-        """`{"items", "next_cursor"}`: one page of `select` (`SELECT … FROM …`)
-        filtered by `where` (joined by AND, parameters `values`)."""
+        """`{"items", "next_cursor"}`: one page of the tenant's rows of `select`
+        (`SELECT … FROM …`) whose columns equal the values of `equal` (a None value
+        is no condition)."""
         limit = args.limit()
-        where, values = list(where), list(values)
+        where: list[str] = ["tenant_id = $1"]
+        values: list[Any] = [args.tenant_id]
+        for column, value in (equal or {}).items():
+            if value is not None:
+                values.append(value)
+                where.append(f"{column} = ${len(values)}")
         cursor = args.cursor()
         if cursor is not None:
             after = self._after(cursor)

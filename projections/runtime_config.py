@@ -104,12 +104,11 @@ async def list_module_flags(conn: Connection, args: QueryArgs) -> Answer:
     BY_FLAG.check(args)
     if not await conn.fetchval(EXISTS, args.tenant_id, module):
         return None
-    where = ["tenant_id = $1", "module = $2"]
-    return await BY_FLAG.page(conn, args, FLAGS, where, [args.tenant_id, module])
+    return await BY_FLAG.page(conn, args, FLAGS, {"module": module})
 
 
 async def list_all_flags(conn: Connection, args: QueryArgs) -> Answer:
-    return await BY_MODULE_AND_FLAG.page(conn, args, FLAGS, ["tenant_id = $1"], [args.tenant_id])
+    return await BY_MODULE_AND_FLAG.page(conn, args, FLAGS)
 
 
 async def get_history(conn: Connection, args: QueryArgs) -> Answer:
@@ -122,8 +121,7 @@ async def get_history(conn: Connection, args: QueryArgs) -> Answer:
         args,
         "SELECT version, event_type AS type, settings, flags, actor, at, change"
         " FROM runtime_config_history",
-        ["tenant_id = $1", "module = $2"],
-        [args.tenant_id, module],
+        {"module": module},
     )
 
 

@@ -7,8 +7,6 @@ Every write is guarded by the aggregate version, like the chat-sessions projecti
 
 from __future__ import annotations
 
-from typing import Any
-
 from app.contexts import EVENTS
 from app.contexts.tools import ToolDeactivated, ToolRegistered, ToolUpdated
 from app.contexts.traces import TracePurged, TraceSpanAppended
@@ -101,13 +99,13 @@ async def get_tool(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_tools(conn: Connection, args: QueryArgs) -> Answer:
     """ListTools; with `?active=true` ListActiveTools (`false`: the deactivated ones)."""
+    return await BY_NAME.page(conn, args, f"SELECT {COLUMNS} FROM tools", _active(args))
+
+
+def _active(args: QueryArgs) -> dict[str, bool | None]:
+    """`?active=true|false|all` (default all), as the condition on the `active` column."""
     active = args.choice("active", ("true", "false", "all"), "all")
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if active != "all":
-        values.append(active == "true")
-        where.append(f"active = ${len(values)}")
-    return await BY_NAME.page(conn, args, f"SELECT {COLUMNS} FROM tools", where, values)
+    return {"active": None if active == "all" else active == "true"}
 
 
 PROJECTION = Projection(
@@ -141,14 +139,8 @@ async def get_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_tool_usage(conn: Connection, args: QueryArgs) -> Answer:
     """Every tool's usage by name (`?active=true|false` like `GET /v1/tools`)."""
-    active = args.choice("active", ("true", "false", "all"), "all")
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if active != "all":
-        values.append(active == "true")
-        where.append(f"active = ${len(values)}")
     select = f"SELECT {TOOL_USAGE_COLUMNS} FROM tool_usage"
-    return await BY_NAME.page(conn, args, select, where, values)
+    return await BY_NAME.page(conn, args, select, _active(args))
 
 
 TOOL_USAGE = View(

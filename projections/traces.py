@@ -105,13 +105,9 @@ async def get_trace(conn: Connection, args: QueryArgs) -> Answer:
 
 async def list_traces(conn: Connection, args: QueryArgs) -> Answer:
     """The tenant's traces (of one session with `?session_id=`), newest first."""
-    where = ["tenant_id = $1"]
-    values: list[Any] = [args.tenant_id]
-    if args.params.get("session_id"):
-        values.append(args.params["session_id"])
-        where.append(f"session_id = ${len(values)}")
     select = f"SELECT {TRACE_COLUMNS} FROM traces"
-    return await NEWEST_FIRST.page(conn, args, select, where, values)
+    equal = {"session_id": args.params.get("session_id") or None}
+    return await NEWEST_FIRST.page(conn, args, select, equal)
 
 
 async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
@@ -127,8 +123,7 @@ async def list_spans(conn: Connection, args: QueryArgs) -> Answer:
         conn,
         args,
         f"SELECT seq, {SPAN_COLUMNS} FROM trace_spans",
-        ["tenant_id = $1", "trace_id = $2"],
-        [args.tenant_id, trace_id],
+        {"trace_id": trace_id},
         item=lambda row: {k: v for k, v in row.items() if k != "seq"},
     )
     return {"trace_id": trace_id, **page}
