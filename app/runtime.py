@@ -160,7 +160,7 @@ async def run_projector(settings: Settings) -> None:
         )
         tg.start_soon(refresher.run)
         if settings.trim_interval_s > 0:
-            tg.start_soon(_trimmer(redis, scripts, pool, keys, settings).run, scripts)
+            tg.start_soon(trimmer(redis, scripts, pool, keys, settings).run, scripts)
         make = rebuilder(pool, redis, keys, settings.db_schema)
 
         async def current(projection: Projection) -> None:
@@ -169,7 +169,7 @@ async def run_projector(settings: Settings) -> None:
         await project(redis, scripts, keys, settings, pool, PROJECTIONS, hooks, current)
 
 
-def _trimmer(
+def trimmer(
     redis: Redis, scripts: Scripts, pool: db.Pool, keys: Keys, settings: Settings
 ) -> Trimmer:
     """The streams' trimmer (`streams/retention.py`), bound by every projection and
@@ -190,7 +190,7 @@ async def trim(settings: Settings, *, dry_run: bool = False) -> list[Trim]:
     """`eddy trim`: one pass of the trimmer now (`--dry-run`: only say what it would do)."""
     async with _redis(settings) as (redis, scripts), _postgres(settings) as pool:
         keys = Keys(settings.key_prefix, settings.shards)
-        return await _trimmer(redis, scripts, pool, keys, settings).trim(dry_run=dry_run)
+        return await trimmer(redis, scripts, pool, keys, settings).trim(dry_run=dry_run)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})

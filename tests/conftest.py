@@ -61,14 +61,8 @@ async def settings(redis_url: str, database_url: str) -> AsyncIterator[Settings]
     """The test's settings; afterwards every key under its prefix is deleted, whatever
     wrote them (the test, or the processes and servers it started)."""
     settings = fresh_settings(redis_url, database_url)
-    try:
+    async with services.prefix_deleted(redis_url, settings.key_prefix):
         yield settings
-    finally:
-        client = connect(redis_url)
-        try:
-            await services.delete_prefix(client, settings.key_prefix)
-        finally:
-            await client.aclose()
 
 
 def fresh_settings(redis_url: str, database_url: str) -> Settings:

@@ -19,14 +19,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from app import embedded
-from streams.connection import Redis
+from streams.connection import Redis, connect
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test?sslmode=disable"
@@ -96,6 +96,20 @@ async def delete_prefix(client: Redis, prefix: str) -> None:
             batch.clear()
     for k in batch:
         await client.unlink(k)
+
+
+@contextlib.asynccontextmanager
+async def prefix_deleted(redis_url: str, prefix: str) -> AsyncIterator[None]:
+    """On leaving, delete every key under `prefix`, whatever wrote them (the test,
+    or the processes and servers it started)."""
+    try:
+        yield
+    finally:
+        client = connect(redis_url)
+        try:
+            await delete_prefix(client, prefix)
+        finally:
+            await client.aclose()
 
 
 async def drop_schema(database_url: str, schema: str) -> None:

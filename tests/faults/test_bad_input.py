@@ -164,12 +164,8 @@ def serving_in_a_thread(settings: Settings) -> Iterator[tuple[Stack, BlockingPor
 
 
 async def _clean_up(settings: Settings) -> None:
-    await services.drop_schema(settings.database_url, settings.db_schema)
-    client = connect(settings.redis_url)
-    try:
-        await services.delete_prefix(client, settings.key_prefix)
-    finally:
-        await client.aclose()
+    async with services.prefix_deleted(settings.redis_url, settings.key_prefix):
+        await services.drop_schema(settings.database_url, settings.db_schema)
 
 
 # -- helpers ------------------------------------------------------------------------------

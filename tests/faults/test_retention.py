@@ -20,14 +20,12 @@ import anyio
 import msgspec
 import pytest
 
-from app import cli
+from app import cli, runtime
 from app.contexts import CONTEXTS
-from app.reactions import reactors
 from app.settings import Settings
 from projections import PROJECTIONS, db
 from projections.rebuild import REBUILD_LOCK, schema_name
 from streams import retention
-from streams.bus import CommandBus
 from streams.connection import Redis, Scripts
 from streams.fanout import Reset
 from streams.keys import COMMAND_GROUP, Shard, projection_group, reactor_group
@@ -41,17 +39,8 @@ MANAGER = reactor_group("session-streams")
 
 
 def trimmer(settings: Settings, redis: Redis, pool: db.Pool) -> Trimmer:
-    keys = keys_of(settings)
-    bus = CommandBus(redis, Scripts(redis), keys, settings.command_ttl_s)
-    return Trimmer(
-        redis,
-        pool,
-        keys,
-        settings,
-        contexts=[c.name for c in CONTEXTS],
-        projections=PROJECTIONS,
-        reactors=reactors(redis, keys, bus),
-    )
+    """The trimmer `eddy projector` runs, on the test's settings."""
+    return runtime.trimmer(redis, Scripts(redis), pool, keys_of(settings), settings)
 
 
 async def fill(redis: Redis, stream: str, count: int, *, every_ms: int = 1000) -> list[str]:

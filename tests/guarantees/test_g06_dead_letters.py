@@ -24,12 +24,11 @@ from app.messages import envelope_decoder
 from app.settings import Settings
 from projections import PROJECTIONS, db
 from projections.projector import Hooks, ShardProjector
-from streams.connection import connect
 from streams.deadletters import DeadLetters
 from streams.keys import Shard
 from tests.conftest import fresh_settings
 from tests.pipeline import ADMIN, Pipeline, eventually, running
-from tests.services import delete_prefix
+from tests.services import prefix_deleted
 
 MAX_ATTEMPTS = 3
 
@@ -39,13 +38,11 @@ async def settings(request, redis_url: str, database_url: str) -> AsyncIterator[
     """The test's settings, with `EDDY_MAX_ATTEMPTS` 3, on single Redis and on Redis Cluster."""
     url = redis_url if request.param == "redis" else request.getfixturevalue("redis_cluster_url")
     settings = msgspec.structs.replace(fresh_settings(url, database_url), max_attempts=MAX_ATTEMPTS)
-    yield settings
-    if request.param == "redis":  # the cluster is thrown away after the session
-        client = connect(url)
-        try:
-            await delete_prefix(client, settings.key_prefix)
-        finally:
-            await client.aclose()
+    if request.param != "redis":
+        yield settings  # the cluster is thrown away after the session
+        return
+    async with prefix_deleted(url, settings.key_prefix):
+        yield settings
 
 
 def dead_letters(p: Pipeline) -> DeadLetters:

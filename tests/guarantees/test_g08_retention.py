@@ -22,14 +22,13 @@ import anyio
 import msgspec
 import pytest
 
+from app import runtime
 from app.contexts import CONTEXTS
-from app.reactions import reactors
 from app.settings import Settings
 from projections import PROJECTIONS, chat_sessions, db, status
 from projections.projection import Projection
 from projections.projector import run_projector
 from projections.rebuild import rebuilder
-from streams.bus import CommandBus
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys, Shard, reactor_group
 from streams.positions import EntryId, entry_id_of
@@ -54,27 +53,14 @@ async def settings(
         yield fresh_settings(request.getfixturevalue("redis_cluster_url"), database_url)
         return  # the cluster is thrown away after the session
     settings = fresh_settings(redis_url, database_url)
-    try:
+    async with services.prefix_deleted(redis_url, settings.key_prefix):
         yield settings
-    finally:
-        client = connect(redis_url)
-        try:
-            await services.delete_prefix(client, settings.key_prefix)
-        finally:
-            await client.aclose()
 
 
 def trimmer(settings: Settings, redis: Redis, pool: db.Pool) -> Trimmer:
-    keys = Keys(settings.key_prefix, settings.shards)
-    bus = CommandBus(redis, Scripts(redis), keys, settings.command_ttl_s)
-    return Trimmer(
-        redis,
-        pool,
-        keys,
-        settings,
-        contexts=CONTEXT_NAMES,
-        projections=PROJECTIONS,
-        reactors=reactors(redis, keys, bus),
+    """The trimmer `eddy projector` runs, on the test's settings."""
+    return runtime.trimmer(
+        redis, Scripts(redis), pool, Keys(settings.key_prefix, settings.shards), settings
     )
 
 
