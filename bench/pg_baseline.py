@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 from datetime import datetime
@@ -33,10 +32,10 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import uvloop
-from redis.exceptions import RedisError, ResponseError
+
+from bench.relay import batches
 
 GROUP = "pg-baseline"
-BLOCK_MS = 1000  # well under the socket timeout (LIMITS.md pitfall)
 TABLE = "pg_baseline_sessions"
 
 
@@ -125,20 +124,8 @@ def row(raw: bytes) -> tuple[Any, ...]:
 async def project(
     client: aioredis.Redis, pool: asyncpg.Pool, stream: str, count: int, stop: asyncio.Event
 ) -> None:
-    """Project one stream until `stop` is set (checked between reads, so within `BLOCK_MS`)."""
-    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    while not stop.is_set():
-        try:
-            reply: Any = await client.xreadgroup(
-                GROUP, "pg-baseline-1", {stream: ">"}, count=count, block=BLOCK_MS
-            )
-        except (RedisError, OSError):
-            await asyncio.sleep(0.1)
-            continue
-        if not reply:
-            continue
-        entries = reply[0][1]
+    """Project one stream until `stop` is set."""
+    async for entries in batches(client, stream, GROUP, "pg-baseline-1", count, stop):
         rows = [row(fields[b"e"]) for _, fields in entries]
         ids = [entry_id for entry_id, _ in entries]
         ms, seq = ids[-1].split(b"-")

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -51,23 +52,39 @@ _decoder = msgspec.json.Decoder(Record)
 _encoder = msgspec.json.Encoder()
 
 
-async def relay(
-    client: aioredis.Redis, source: str, dest: str, count: int, stop: asyncio.Event
-) -> None:
-    """Relay until `stop` is set (checked between reads, so within `BLOCK_MS`)."""
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def batches(
+    client: aioredis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    count: int,
+    stop: asyncio.Event,
+) -> AsyncIterator[Entries]:
+    """The group's new entries of `stream`, one XREADGROUP's batch at a time, until
+    `stop` is set (checked between reads, so within `BLOCK_MS`); the group is
+    created at the stream's start if it does not exist."""
     with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-        await client.xgroup_create(source, GROUP, id="0", mkstream=True)
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
     while not stop.is_set():
         try:
             reply: Any = await client.xreadgroup(
-                GROUP, "relay-1", {source: ">"}, count=count, block=BLOCK_MS
+                group, consumer, {stream: ">"}, count=count, block=BLOCK_MS
             )
         except (RedisError, OSError):
             await asyncio.sleep(0.1)
             continue
-        if not reply:
-            continue
-        entries = reply[0][1]
+        if reply:
+            yield reply[0][1]
+
+
+async def relay(
+    client: aioredis.Redis, source: str, dest: str, count: int, stop: asyncio.Event
+) -> None:
+    """Relay until `stop` is set."""
+    async for entries in batches(client, source, GROUP, "relay-1", count, stop):
         pipe = client.pipeline(transaction=False)
         for _, fields in entries:
             record = _decoder.decode(fields[b"c"])
