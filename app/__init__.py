@@ -1,1 +1,2 @@
-"""Eddy: a realtime CQRS backend (the Starlette app, the CLI and the domain contexts)."""
+"""The application: the bounded contexts and their read models (the agent platform),
+the composition root (`registry`, `runtime`, `cli`) and the Starlette app."""

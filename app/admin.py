@@ -23,36 +23,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import asyncpg
 import msgspec
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from app.auth import authenticate
-from app.contexts import CONTEXTS
-from app.errors import BadRequest, NotFound, Unavailable
-from app.messages import Envelope
-from app.reactions import reactors
-from app.services import Services, json_response
-from app.settings import Settings
-from projections import PROJECTIONS, VIEWS, db
-from projections.cache import Generations
-from projections.projector import TRANSIENT_DB, Hooks, ShardProjector
-from projections.views import Refresher
+from app.http import json_response
+from app.system import System
+from app.webprocess import WebProcess
+from core.errors import BadRequest, NotFound, Unavailable
+from core.messages import Envelope
+from core.outages import DOWN
+from core.settings import Settings
+from projections import db
+from projections.pagination import parse_limit
+from projections.projector import ShardProjector
 from streams.bus import CommandBus
 from streams.connection import Redis, Scripts, connect
 from streams.deadletters import DeadLetter, DeadLetters, ReplayRefused
-from streams.keys import Keys, projection_group, reactor_group
+from streams.keys import Keys, projection_group
 
-MAX_LIMIT = 500
-UNREACHABLE: tuple[type[BaseException], ...] = (
-    RedisError,
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-)
+DEFAULT_LIMIT = 100
 
 
 @dataclass
@@ -60,6 +52,7 @@ class Operator:
     """What replaying needs: Redis for every dead letter, Postgres for a projection's."""
 
     settings: Settings
+    system: System
     redis: Redis
     scripts: Scripts
     keys: Keys
@@ -68,11 +61,7 @@ class Operator:
     @property
     def dead_letters(self) -> DeadLetters:
         return DeadLetters(
-            self.redis,
-            self.scripts,
-            self.keys,
-            self.settings.command_ttl_s,
-            [c.name for c in CONTEXTS],
+            self.redis, self.scripts, self.keys, self.settings.command_ttl_s, self.system.catalog
         )
 
     async def replay(self, letter: DeadLetter) -> dict[str, Any]:
@@ -85,19 +74,10 @@ class Operator:
         return {**answer, "kind": "event", "event_id": letter.event_id, "consumer": letter.consumer}
 
     def _consumer(self, letter: DeadLetter) -> Callable[[Envelope], Awaitable[None]]:
-        """The one consumer that gave up on a dead event, as a function of the event."""
-        deliver: Callable[[Envelope], Awaitable[None]] | None = None
-        for projection in PROJECTIONS:
-            if projection_group(projection.name) == letter.consumer and self.pool is not None:
-                refresher = Refresher(self.pool, VIEWS, debounce_s=self.settings.view_debounce_s)
-                hooks = Hooks(
-                    in_transaction=[Generations(PROJECTIONS).advance, refresher.record_changes]
-                )
-                deliver = ShardProjector(self.pool, projection, letter.where, hooks).replay
-        bus = CommandBus(self.redis, self.scripts, self.keys, self.settings.command_ttl_s)
-        for reactor in reactors(self.redis, self.keys, bus):
-            if reactor_group(reactor.name) == letter.consumer:
-                deliver = reactor.react
+        """The one consumer that gave up on a dead event, as a function of the event
+        (as it was written: a projection, like a process manager, reads its current
+        shape)."""
+        deliver = self._projection(letter) or self._process_manager(letter)
         if deliver is None:
             raise ReplayRefused("replay_failed", f"no consumer {letter.consumer!r} to replay to")
         known = deliver
@@ -105,7 +85,7 @@ class Operator:
         async def guarded(envelope: Envelope) -> None:
             try:
                 await known(envelope)
-            except TRANSIENT_DB as exc:
+            except DOWN as exc:
                 raise Unavailable(f"cannot replay now: {type(exc).__name__}: {exc}") from exc
             except (ReplayRefused, Unavailable):
                 raise
@@ -114,15 +94,37 @@ class Operator:
 
         return guarded
 
+    def _projection(self, letter: DeadLetter) -> Callable[[Envelope], Awaitable[None]] | None:
+        system = self.system
+        for projection in system.projections:
+            if projection_group(projection.name) == letter.consumer and self.pool is not None:
+                hooks, _ = system.projector_hooks(self.pool, self.settings.view_debounce_s)
+                projector = ShardProjector(
+                    self.pool, projection, letter.where, system.catalog, hooks
+                )
+                return projector.replay
+        return None
+
+    def _process_manager(self, letter: DeadLetter) -> Callable[[Envelope], Awaitable[None]] | None:
+        catalog = self.system.catalog
+        managers = [m for m in self.system.process_managers if m.group == letter.consumer]
+        if not managers:
+            return None
+        bus = CommandBus(self.redis, self.scripts, self.keys, self.settings.command_ttl_s, catalog)
+        react = managers[0].start(self.redis, self.keys, bus)
+
+        async def deliver(envelope: Envelope) -> None:
+            await react(catalog.current(envelope))
+
+        return deliver
+
 
 def _operator(request: Request) -> tuple[Operator, str]:
     """The operator of a request, and the admin's tenant (401/403 otherwise)."""
-    services: Services = request.app.state.services
-    principal = authenticate(request, services.settings.jwt_secret)
+    web: WebProcess = request.app.state.web
+    principal = authenticate(request, web.settings.jwt_secret)
     principal.require({"admin"})
-    operator = Operator(
-        services.settings, services.redis, services.scripts, services.keys, services.pool
-    )
+    operator = Operator(web.settings, web.system, web.redis, web.scripts, web.keys, web.pool)
     return operator, principal.tenant
 
 
@@ -131,10 +133,7 @@ async def list_dead_letters(request: Request) -> Response:
     kind = request.query_params.get("kind")
     if kind not in (None, "command", "event"):
         raise BadRequest("kind must be command or event")
-    raw_limit = request.query_params.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise BadRequest(f"limit must be 1 to {MAX_LIMIT}")
-    limit = int(raw_limit)
+    limit = parse_limit(request.query_params.get("limit"), DEFAULT_LIMIT)
     cursor = request.query_params.get("cursor") or None
     try:
         letters = await operator.dead_letters.read(tenant_id=tenant, after=cursor)
@@ -181,15 +180,16 @@ def routes() -> list[Route]:
 
 
 @contextlib.asynccontextmanager
-async def operating(settings: Settings, *, postgres: bool) -> AsyncIterator[Operator]:
+async def operating(
+    settings: Settings, system: System, *, postgres: bool
+) -> AsyncIterator[Operator]:
     """An operator for the command line: a Redis client, and a pool if `postgres`."""
     redis = connect(settings.redis_url)
     pool = None
     try:
         if postgres:
             pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
-        keys = Keys(settings.key_prefix, settings.shards)
-        yield Operator(settings, redis, Scripts(redis), keys, pool)
+        yield Operator(settings, system, redis, Scripts(redis), Keys.of(settings), pool)
     finally:
         if pool is not None:
             await pool.close()
@@ -221,6 +221,7 @@ def table(letters: list[DeadLetter]) -> str:
 
 async def command_line(
     settings: Settings,
+    system: System,
     action: str,
     dead_letter_id: str | None,
     *,
@@ -230,14 +231,15 @@ async def command_line(
 ) -> int:
     """`eddy deadletters <action>`; returns the exit code."""
     try:
-        return await _command_line(settings, action, dead_letter_id, every, as_json, out)
-    except UNREACHABLE as exc:
+        return await _command_line(settings, system, action, dead_letter_id, every, as_json, out)
+    except DOWN as exc:
         print(f"eddy: cannot reach Redis or Postgres: {exc!r}", file=sys.stderr)
         return 1
 
 
 async def _command_line(
     settings: Settings,
+    system: System,
     action: str,
     dead_letter_id: str | None,
     every: bool,
@@ -245,7 +247,7 @@ async def _command_line(
     out: TextIO,
 ) -> int:
     encode = msgspec.json.encode
-    async with operating(settings, postgres=action == "replay") as operator:
+    async with operating(settings, system, postgres=action == "replay") as operator:
         dead_letters = operator.dead_letters
         if action == "list":
             letters = await dead_letters.read()

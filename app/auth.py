@@ -10,8 +10,8 @@ import jwt
 import msgspec
 from starlette.requests import HTTPConnection
 
-from app.errors import Forbidden, Unauthenticated
-from app.messages import ROLES
+from core.errors import Forbidden, Unauthenticated
+from core.messages import ROLES
 
 ALGORITHM = "HS256"
 

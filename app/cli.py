@@ -1,7 +1,8 @@
-"""The `eddy` command: the Procfile's processes, migrations, tokens and `eddy dev`.
+"""The `eddy` command: the Procfile's processes, migrations, tokens and `eddy dev`,
+each run for the system of `app/registry.py`.
 
-`main()` parses arguments and runs `async_main()` under anyio; tests call the
-async functions directly.
+`main()` parses arguments and runs the async functions of `app/runtime.py` under
+anyio; tests call those directly.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import anyio
 
 from app import runtime
 from app.auth import issue_token
-from app.errors import ConfigurationError, EddyError
-from app.settings import Settings
+from app.registry import SYSTEM
+from app.system import System
+from core.errors import ConfigurationError, EddyError
+from core.outages import FAILED
+from core.settings import Settings
 from projections.rebuild import CannotRebuild, RebuildBusy
 from streams.positions import format_entry_id
 from streams.retention import MAX_COUNTED, Trim
-from streams.retention import RETRYABLE as TRIM_UNAVAILABLE
 
 log = logging.getLogger("eddy")
 
@@ -119,11 +122,11 @@ class ProgressBar:
             self.out.write("\n")
 
 
-def trim(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
+def trim(settings: Settings, system: System, *, dry_run: bool, as_json: bool) -> int:
     """`eddy trim [--dry-run] [--json]`: one pass of the trimmer now, and what it did."""
     try:
-        trims = anyio.run(lambda: runtime.trim(settings, dry_run=dry_run))
-    except TRIM_UNAVAILABLE as exc:
+        trims = anyio.run(lambda: runtime.trim(settings, system, dry_run=dry_run))
+    except FAILED as exc:
         print(f"eddy: cannot trim: {exc!r}", file=sys.stderr)
         return 1
     print(trim_table(trims, dry_run=dry_run, as_json=as_json))
@@ -156,7 +159,7 @@ def require_secret(settings: Settings) -> None:
         raise ConfigurationError("EDDY_JWT_SECRET must be set, at least 32 characters (HS256)")
 
 
-def deadletters(settings: Settings, args: argparse.Namespace) -> int:
+def deadletters(settings: Settings, system: System, args: argparse.Namespace) -> int:
     """`eddy deadletters list | show <id> | replay <id> | purge <id> | purge --all`."""
     from app import admin
 
@@ -166,6 +169,7 @@ def deadletters(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(
             lambda: admin.command_line(
                 settings,
+                system,
                 args.deadletters,
                 getattr(args, "id", None),
                 every=getattr(args, "all", False),
@@ -178,7 +182,11 @@ def deadletters(settings: Settings, args: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    system: System = SYSTEM,
+) -> int:
     args = parser().parse_args(argv)
     env = os.environ if env is None else env
     try:
@@ -200,37 +208,37 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if args.command == "dev":
             from app.dev import run_dev
 
-            return int(run_dev(settings, env))
+            return int(run_dev(settings, system, env))
         if args.command == "migrate":
-            applied = anyio.run(runtime.migrate, settings)
+            applied = anyio.run(runtime.migrate, settings, system)
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
             return 0
         if args.command == "status":
-            from projections import PROJECTIONS, status
+            from projections import status
 
             try:
-                shards = anyio.run(status.report, settings, PROJECTIONS)
-            except status.UNAVAILABLE as exc:
+                shards = anyio.run(status.report, settings, system.projections)
+            except FAILED as exc:
                 print(f"eddy: cannot read the status: {exc!r}", file=sys.stderr)
                 return 1
             print(status.to_json(shards) if args.json else status.table(shards))
             return 0
         if args.command == "trim":
-            return trim(settings, dry_run=args.dry_run, as_json=args.json)
+            return trim(settings, system, dry_run=args.dry_run, as_json=args.json)
         if args.command == "drift":
             from projections import drift
 
             run = drift.repair if args.drift == "repair" else drift.check
-            outcome = anyio.run(run, settings.database_url, settings.db_schema)
+            outcome = anyio.run(run, settings.database_url, settings.db_schema, system.projections)
             print(outcome.json() if args.json else outcome.text())
             return outcome.exit_code
         if args.command == "deadletters":
-            return deadletters(settings, args)
+            return deadletters(settings, system, args)
         if args.command == "rebuild":
             bar = ProgressBar(sys.stderr)
             report = anyio.run(
                 lambda: runtime.rebuild(
-                    settings, args.projection, verify=args.verify, progress=bar.show
+                    settings, system, args.projection, verify=args.verify, progress=bar.show
                 )
             )
             bar.done()
@@ -245,11 +253,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if args.command == "web":
             require_secret(settings)
         process = {
-            "web": runtime.serve_web,
-            "worker": runtime.run_worker,
-            "projector": runtime.run_projector,
+            "web": runtime.web_process,
+            "worker": runtime.worker_process,
+            "projector": runtime.projector_process,
         }[args.command]
-        runtime.run_until_signal(lambda: process(settings))
+        runtime.run_until_signal(lambda: process(settings, system))
         return 0
     except ConfigurationError as exc:
         print(f"eddy: {exc.message}", file=sys.stderr)

@@ -24,8 +24,8 @@ Deliberate choices:
   process refuses that tenant locally, without asking Redis (the bucket cannot fill
   sooner, whoever else takes from it): a flooding tenant costs Redis about one call
   per token, not one per request.
-- Redis failing (an error, or no answer within `REDIS_TIMEOUT_S`) fails open: the
-  tenant limits are skipped for `PAUSE_S` (logged once per outage). Commands then
+- Redis failing (an error, or no answer within a quarter second) fails open: the
+  tenant limits are skipped for a second (a `Breaker`, logged once per outage). Commands then
   get the bus's 503 if Redis is really gone; queries are answered from Postgres.
   The per-connection limit still holds.
 - `Retry-After` is whole seconds, at least 1 (HTTP allows nothing finer), rounded
@@ -49,12 +49,12 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry, Counter
-from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from app.auth import Principal, authenticate
-from app.errors import RateLimited
-from app.settings import Settings
+from core.errors import RateLimited
+from core.outages import Breaker, Bypassed
+from core.settings import Settings
 from streams.batching import Coalescer
 from streams.connection import Redis, Scripts
 from streams.keys import Keys
@@ -63,10 +63,6 @@ log = logging.getLogger("eddy.limits")
 
 Kind = Literal["commands", "queries"]
 
-PAUSE_S = 1.0
-"""After a Redis error, the tenant limits are skipped this long."""
-REDIS_TIMEOUT_S = 0.25
-"""A limiter round trip taking longer counts as Redis failing."""
 SWEEP_FROM = 1024
 """Connection buckets kept before full (idle) ones are dropped."""
 
@@ -187,8 +183,7 @@ class TenantLimiter:
         self._over: dict[tuple[Kind, str], float] = {}
         """(kind, tenant) → `time.monotonic()` before which the tenant has no token."""
         self._sweep_at = SWEEP_FROM
-        self._paused_until = 0.0
-        self._failing = False
+        self.breaker = Breaker("rate-limiter", "tenant limits skipped", log)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send waiting checks in batches until cancelled."""
@@ -205,7 +200,7 @@ class TenantLimiter:
             if now < until:
                 raise self._refusal(kind, until - now)
             del self._over[(kind, tenant)]
-        if now < self._paused_until:
+        if self.breaker.open:
             return
         ask = _Ask(kind, tenant)
         await self._batches.put(ask, ask.done)
@@ -232,16 +227,14 @@ class TenantLimiter:
             calls.append((self.scripts.rate_limit, [self.keys.rate_limit(kind, tenant)], args))
         try:
             try:
-                with anyio.CancelScope(shield=True), anyio.fail_after(REDIS_TIMEOUT_S):
-                    replies = await self.scripts.pipelined(calls)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)  # fail open
-                return
-            self._working()
+                with anyio.CancelScope(shield=True):
+                    replies = await self.breaker.call(lambda: self.scripts.pipelined(calls))
+            except Bypassed:
+                return  # fail open
             now = time.monotonic()
             for (key, asks), reply in zip(groups.items(), replies, strict=True):
                 if isinstance(reply, Exception):  # fail open
-                    self._failed(reply)
+                    self.breaker.failed(reply)
                     continue
                 granted, retry_us = int(reply[0]), int(reply[1])
                 if granted < len(asks):
@@ -260,20 +253,9 @@ class TenantLimiter:
             self._sweep_at = max(SWEEP_FROM, 2 * len(self._over))
         self._over[key] = until
 
-    def _failed(self, exc: BaseException) -> None:
-        self._paused_until = time.monotonic() + PAUSE_S
-        if not self._failing:
-            self._failing = True
-            log.warning("rate-limiter-unavailable error=%r (tenant limits skipped)", exc)
-
-    def _working(self) -> None:
-        if self._failing:
-            self._failing = False
-            log.info("rate-limiter-back")
-
 
 class Limits:
-    """A web process's limits: `app.state.limits`, read by `admit` (HTTP) and `app.ws`."""
+    """A web process's limits, read by `authenticate_within_limits` (HTTP) and `app.ws`."""
 
     def __init__(
         self,
@@ -300,11 +282,11 @@ class Limits:
         self.tenants = TenantLimiter(redis, scripts, keys, rates, refused)
 
 
-async def admit(request: Request, kind: Kind) -> Principal:
+async def authenticate_within_limits(request: Request, kind: Kind) -> Principal:
     """Count a request against its connection's limit, authenticate it, then count it
     against its tenant's `kind` limit; its principal. `RateLimited` (429) or
     `Unauthenticated` (401), before anything of the request is read."""
-    limits: Limits = request.app.state.limits
+    limits: Limits = request.app.state.web.limits
     client = request.scope.get("client")
     limits.connections.take(None if client is None else tuple(client))
     principal = authenticate(request, limits.jwt_secret)

@@ -4,30 +4,31 @@ both generated from the same msgspec types the server decodes with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
 import msgspec
 
-from app.contexts import COMMANDS, EVENTS
-from app.messages import Envelope
-from projections.projection import MAX_LIMIT, Projection, Query
+from app.system import System
+from core.catalog import Catalog
+from core.messages import Envelope
+from projections.pagination import MAX_LIMIT
+from projections.projection import Query
 
 REF = "#/components/schemas/{name}"
 
 
-def _components() -> tuple[dict[str, Any], dict[str, Any]]:
-    types: list[Any] = [t.cls for t in COMMANDS.values()]
-    types += [t.cls for t in EVENTS.values()]
+def _components(catalog: Catalog) -> tuple[dict[str, Any], dict[str, Any]]:
+    types: list[Any] = [t.cls for t in catalog.commands.values()]
+    types += [t.cls for t in catalog.events.values()]
     types.append(Envelope)
     refs, components = msgspec.json.schema_components(types, ref_template=REF)
     return dict(zip([t.__name__ for t in types], refs, strict=True)), components
 
 
 @cache
-def schema_document() -> dict[str, Any]:
-    refs, components = _components()
+def schema_document(catalog: Catalog) -> dict[str, Any]:
+    refs, components = _components(catalog)
     return {
         "commands": {
             name: {
@@ -35,7 +36,7 @@ def schema_document() -> dict[str, Any]:
                 "aggregate": t.context.aggregate_field,
                 "payload": refs[name],
             }
-            for name, t in COMMANDS.items()
+            for name, t in catalog.commands.items()
         },
         "events": {
             name: {
@@ -43,7 +44,7 @@ def schema_document() -> dict[str, Any]:
                 "schema_version": t.cls.schema_version,
                 "payload": refs[name],
             }
-            for name, t in EVENTS.items()
+            for name, t in catalog.events.items()
         },
         "envelope": refs["Envelope"],
         "components": {"schemas": components},
@@ -99,12 +100,12 @@ def _pages(query: Query) -> bool:
 
 
 @cache
-def _openapi(projections: tuple[Projection, ...]) -> dict[str, Any]:
-    refs, components = _components()
+def openapi(system: System) -> dict[str, Any]:
+    refs, components = _components(system.catalog)
     components["Error"] = ERROR
     auth: list[dict[str, list[str]]] = [{"bearer": []}]
     paths: dict[str, Any] = {}
-    for name, t in COMMANDS.items():
+    for name, t in system.catalog.commands.items():
         paths[f"/v1/commands/{name}"] = {
             "post": {
                 "operationId": name,
@@ -147,7 +148,7 @@ def _openapi(projections: tuple[Projection, ...]) -> dict[str, Any]:
             },
         }
     }
-    for projection in projections:
+    for projection in system.projections:
         for query in projection.queries:
             params = [
                 {
@@ -213,7 +214,3 @@ def _openapi(projections: tuple[Projection, ...]) -> dict[str, Any]:
             },
         },
     }
-
-
-def openapi(projections: Sequence[Projection]) -> dict[str, Any]:
-    return _openapi(tuple(projections))

@@ -23,39 +23,39 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.contexts import BY_NAME
-from app.errors import BadRequest, NotFound, Stale
-from app.limits import admit
-from app.services import Services, json_response
-from projections import VIEWS, db, views
-from projections.cache import QueryCache
-from projections.projection import Projection, Query, QueryArgs
+from app.http import json_response
+from app.limits import authenticate_within_limits
+from app.webprocess import WebProcess
+from core.errors import BadRequest, NotFound, Stale
+from core.outages import poll
+from projections import db, views
+from projections.pagination import QueryArgs
+from projections.projection import Projection, Query
 from projections.views import View
-from streams.consumer import poll
 from streams.positions import parse_event_position
 
 
 async def wait_for(
-    services: Services,
+    web: WebProcess,
     projections: Sequence[Projection],
     position: str,
     view: View | None = None,
 ) -> None:
     """Return once `projections` (and `view`) reflect every event up to `position`;
     else raise `Stale`."""
-    shard, entry = parse_event_position(position, BY_NAME, services.settings.shards)
+    shard, entry = parse_event_position(position, web.system.catalog.by_name, web.settings.shards)
     # A projection that never reads that stream has nothing to wait for.
     waiting = [p.name for p in projections if shard.context in p.contexts]
     watched = view if view is not None and view.feeding(shard) else None
 
     async def reached() -> bool:
         for name in waiting:
-            if not await db.reached(services.pool, name, shard, entry):
+            if not await db.reached(web.pool, name, shard, entry):
                 return False
-        return watched is None or await views.reflects(services.pool, watched, shard, entry)
+        return watched is None or await views.reflects(web.pool, watched, shard, entry)
 
     if (waiting or watched) and not await poll(
-        reached, bool, within_s=services.settings.after_timeout_s, first_s=0.005, cap_s=0.1
+        reached, bool, within_s=web.settings.after_timeout_s, first_s=0.005, cap_s=0.1
     ):
         behind = [*waiting, *([f"view {watched.name}"] if watched else [])]
         raise Stale(f"{', '.join(behind)} has not reached {position} yet")
@@ -69,34 +69,29 @@ def check_params(request: Request) -> None:
             raise BadRequest(f"{name[:100]!r} holds a NUL character (\\u0000)")
 
 
-def query_route(
-    projections: Sequence[Projection], query: Query, cache: QueryCache | None = None
-) -> Route:
+def query_route(projections: Sequence[Projection], query: Query, view: View | None = None) -> Route:
     """The route of `query`; `projections`: every projection whose tables it reads;
-    `cache`: the process's answers of cached queries (None: answer from Postgres)."""
-    view = None if query.view is None else {v.name: v for v in VIEWS}[query.view]
+    `view`: the materialized view it reads, if any."""
 
     async def endpoint(request: Request) -> Response:
-        services: Services = request.app.state.services
-        principal = await admit(request, "queries")
+        web: WebProcess = request.app.state.web
+        principal = await authenticate_within_limits(request, "queries")
         check_params(request)
         after = request.query_params.get("after") or request.headers.get("x-after-position")
         if after:
-            await wait_for(services, projections, after, view)
+            await wait_for(web, projections, after, view)
         args = QueryArgs(
             tenant_id=principal.tenant,
             path=request.path_params,
             params=request.query_params,
         )
-        if cache is not None and query.cache is not None and services.settings.query_cache == "on":
-            body, outcome = await cache.answer(
-                services.pool, services.redis, services.keys, query, args
-            )
-            services.metrics.query_cache.labels(query.name, outcome).inc()
+        if query.cache is not None and web.settings.query_cache == "on":
+            body, outcome = await web.query_cache.answer(web.pool, web.redis, web.keys, query, args)
+            web.metrics.query_cache.labels(query.name, outcome).inc()
             if body is None:
                 raise NotFound(f"{query.name}: not found")
             return Response(body, media_type="application/json")
-        async with services.pool.acquire() as conn:
+        async with web.pool.acquire() as conn:
             answer = await query.run(conn, args)
         if answer is None:
             raise NotFound(f"{query.name}: not found")
@@ -106,11 +101,15 @@ def query_route(
     return Route(query.path, endpoint, methods=["GET"], name=query.name)
 
 
-def query_routes(projections: Sequence[Projection]) -> list[Route]:
+def query_routes(projections: Sequence[Projection], views: Sequence[View]) -> list[Route]:
     by_name = {p.name: p for p in projections}
-    cache = QueryCache()
+    by_view = {v.name: v for v in views}
     return [
-        query_route([p, *(by_name[name] for name in q.also_from)], q, cache)
+        query_route(
+            [p, *(by_name[name] for name in q.also_from)],
+            q,
+            None if q.view is None else by_view[q.view],
+        )
         for p in projections
         for q in p.queries
     ]

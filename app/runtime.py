@@ -1,4 +1,6 @@
-"""The processes of the Procfile, as async functions that run until cancelled.
+"""The processes of the Procfile, as async functions that run until cancelled, and
+the one-shot commands of `eddy`: the composition root, where a `System`'s parts
+meet the clients of one process and are handed down to the framework.
 
 `eddy web`, `eddy worker` and `eddy projector` each run one of them under a root
 task group that a SIGINT or SIGTERM cancels; `eddy dev` runs all three in one.
@@ -12,35 +14,34 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
 
 import anyio
-import asyncpg
 import uvicorn
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError
 
-from app.contexts import CONTEXTS
-from app.errors import ConfigurationError
-from app.reactions import reactors
-from app.settings import Settings
-from projections import PROJECTIONS, VIEWS, db
-from projections.cache import Generations
+from app.system import System
+from core.outages import waiting_out
+from core.settings import Settings
+from projections import db
+from projections.migrate import migrate as migrate_schema
 from projections.projection import Projection
-from projections.projector import Hooks
-from projections.projector import run_projector as project
-from projections.rebuild import Progress, Report, ensure_current, rebuilder
-from projections.views import Refresher
-from streams.bus import CommandBus, check_layout
+from projections.projector import run_projector
+from projections.rebuild import (
+    Progress,
+    Rebuild,
+    Report,
+    ensure_current,
+    rebuilder,
+    rebuilding,
+)
+from streams.bus import check_layout
 from streams.connection import Redis, Scripts, connect
-from streams.consumer import Backoff
 from streams.keys import Keys
-from streams.reactor import run_reactors as react
+from streams.process_managers import run_process_managers
 from streams.retention import Trim, Trimmer
-from streams.worker import run_worker as work
+from streams.worker import run_worker
 
 log = logging.getLogger("eddy.runtime")
-T = TypeVar("T")
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -66,18 +67,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_web(
+async def web_process(
     settings: Settings,
+    system: System,
     *,
     sock: socket.socket | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve HTTP until cancelled; then finish in-flight requests (bounded) and stop."""
+    """`eddy web`: serve HTTP until cancelled; then finish in-flight requests
+    (bounded) and stop."""
     from app.web import create_app  # the web stack is only loaded by the web process
 
     sock = sock or bind(settings.host, settings.port)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, system),
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=False,
@@ -99,24 +102,14 @@ async def serve_web(
         tg.cancel_scope.cancel()
 
 
-async def _retrying(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    backoff = Backoff(first_s=0.2, cap_s=5)
-    while True:
-        try:
-            return await attempt()
-        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("waiting-for-dependency what=%s error=%r", what, exc)
-            await backoff.sleep()
-
-
 @contextlib.asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Scripts]]:
     """A Redis client with the scripts loaded (waiting for Redis), closed on exit."""
     redis = connect(settings.redis_url)
     try:
         scripts = Scripts(redis)
-        await _retrying("redis", scripts.load)
-        await check_layout(redis, Keys(settings.key_prefix, settings.shards))
+        await waiting_out("redis", scripts.load, log)
+        await check_layout(redis, Keys.of(settings))
         yield redis, scripts
     finally:
         with anyio.CancelScope(shield=True):
@@ -126,8 +119,8 @@ async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Scripts]]:
 @contextlib.asynccontextmanager
 async def _postgres(settings: Settings) -> AsyncIterator[db.Pool]:
     """A Postgres pool (waiting for Postgres), closed on exit."""
-    pool = await _retrying(
-        "postgres", lambda: db.create_pool(settings.database_url, settings.db_schema)
+    pool = await waiting_out(
+        "postgres", lambda: db.create_pool(settings.database_url, settings.db_schema), log
     )
     try:
         yield pool
@@ -136,61 +129,66 @@ async def _postgres(settings: Settings) -> AsyncIterator[db.Pool]:
             await pool.close()
 
 
-async def run_worker(settings: Settings) -> None:
-    """The command workers and the process managers (`app/reactions.py`)."""
+async def worker_process(settings: Settings, system: System) -> None:
+    """`eddy worker`: the command workers and the process managers."""
     async with _redis(settings) as (redis, scripts), anyio.create_task_group() as tg:
-        keys = Keys(settings.key_prefix, settings.shards)
-        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
-        tg.start_soon(work, redis, scripts, keys, settings, CONTEXTS)
-        tg.start_soon(react, redis, scripts, keys, settings, reactors(redis, keys, bus))
+        keys, catalog = Keys.of(settings), system.catalog
+        tg.start_soon(run_worker, redis, scripts, keys, settings, catalog)
+        managers = system.process_managers
+        tg.start_soon(run_process_managers, redis, scripts, keys, settings, catalog, managers)
 
 
-async def run_projector(settings: Settings) -> None:
-    """The projections, and the refresher of the materialized views they feed."""
+async def projector_process(settings: Settings, system: System) -> None:
+    """`eddy projector`: the projections, the refresher of the materialized views
+    they feed, and the trimmer of the streams."""
     async with (
         _redis(settings) as (redis, scripts),
         _postgres(settings) as pool,
         anyio.create_task_group() as tg,
     ):
-        keys = Keys(settings.key_prefix, settings.shards)
-        refresher = Refresher(pool, VIEWS, debounce_s=settings.view_debounce_s)
-        hooks = Hooks(
-            in_transaction=[Generations(PROJECTIONS).advance, refresher.record_changes],
-            on_commit=[refresher.mark],
-        )
+        keys = Keys.of(settings)
+        hooks, refresher = system.projector_hooks(pool, settings.view_debounce_s)
         tg.start_soon(refresher.run)
         if settings.trim_interval_s > 0:
-            tg.start_soon(trimmer(redis, scripts, pool, keys, settings).run, scripts)
-        make = rebuilder(pool, redis, keys, settings.db_schema)
+            tg.start_soon(trimmer(redis, pool, keys, settings, system).run, scripts)
+        make = rebuilds(pool, redis, settings, system)
 
         async def current(projection: Projection) -> None:
             await ensure_current(make, pool, projection)
 
-        await project(redis, scripts, keys, settings, pool, PROJECTIONS, hooks, current)
+        await run_projector(
+            redis,
+            scripts,
+            keys,
+            settings,
+            pool,
+            system.catalog,
+            system.projections,
+            hooks,
+            current,
+        )
 
 
-def trimmer(
-    redis: Redis, scripts: Scripts, pool: db.Pool, keys: Keys, settings: Settings
-) -> Trimmer:
-    """The streams' trimmer (`streams/retention.py`), bound by every projection and
-    every process manager of `eddy worker`."""
-    bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
+def trimmer(redis: Redis, pool: db.Pool, keys: Keys, settings: Settings, system: System) -> Trimmer:
+    """The streams' trimmer (`streams/retention.py`), bound by every projection's
+    checkpoints and every process manager's consumer group."""
+    names = [p.name for p in system.projections]
     return Trimmer(
         redis,
-        pool,
         keys,
         settings,
-        contexts=[context.name for context in CONTEXTS],
-        projections=PROJECTIONS,
-        reactors=reactors(redis, keys, bus),
+        contexts=system.catalog.names,
+        projections=system.projections,
+        process_managers=system.process_managers,
+        committed=lambda: db.committed(pool, names),
+        rebuilding=lambda: rebuilding(pool, settings.db_schema, names),
     )
 
 
-async def trim(settings: Settings, *, dry_run: bool = False) -> list[Trim]:
+async def trim(settings: Settings, system: System, *, dry_run: bool = False) -> list[Trim]:
     """`eddy trim`: one pass of the trimmer now (`--dry-run`: only say what it would do)."""
-    async with _redis(settings) as (redis, scripts), _postgres(settings) as pool:
-        keys = Keys(settings.key_prefix, settings.shards)
-        return await trimmer(redis, scripts, pool, keys, settings).trim(dry_run=dry_run)
+    async with _redis(settings) as (redis, _scripts), _postgres(settings) as pool:
+        return await trimmer(redis, pool, Keys.of(settings), settings, system).trim(dry_run=dry_run)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
@@ -237,25 +235,48 @@ async def until_signal(run: Callable[[], Awaitable[None]]) -> None:
 
 async def rebuild(
     settings: Settings,
+    system: System,
     name: str,
     *,
     verify: bool = False,
     progress: Progress | None = None,
 ) -> Report:
     """`eddy rebuild <projection>`: build its tables again from history and swap."""
-    from projections.rebuild import Rebuild
-
-    by_name = {p.name: p for p in PROJECTIONS}
-    if name not in by_name:
-        raise ConfigurationError(f"no projection {name!r}; there are: {', '.join(by_name)}")
+    projection = system.projection(name)
     async with _redis(settings) as (redis, _scripts), _postgres(settings) as pool:
-        keys = Keys(settings.key_prefix, settings.shards)
-        make = rebuilder(pool, redis, keys, settings.db_schema, progress=progress, verify=verify)
-        built: Rebuild = make(by_name[name])
-        return await built.run()
+        make = rebuilds(pool, redis, settings, system, progress=progress, verify=verify)
+        return await make(projection).run()
 
 
-async def migrate(settings: Settings) -> list[str]:
-    return await _retrying(
-        "postgres", lambda: db.migrate(settings.database_url, settings.db_schema)
+def rebuilds(
+    pool: db.Pool,
+    redis: Redis,
+    settings: Settings,
+    system: System,
+    *,
+    progress: Progress | None = None,
+    verify: bool = False,
+) -> Callable[[Projection], Rebuild]:
+    """How this deployment rebuilds a projection of `system` (`projections/rebuild.py`)."""
+    return rebuilder(
+        pool,
+        redis,
+        Keys.of(settings),
+        settings.db_schema,
+        catalog=system.catalog,
+        projections=system.projections,
+        views=system.views,
+        progress=progress,
+        verify=verify,
+    )
+
+
+async def migrate(settings: Settings, system: System) -> list[str]:
+    """`eddy migrate`: Eddy's tables, the projections' tables and the views."""
+    return await waiting_out(
+        "postgres",
+        lambda: migrate_schema(
+            settings.database_url, settings.db_schema, system.projections, system.views
+        ),
+        log,
     )

@@ -42,8 +42,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.auth import authenticate
-from app.settings import Settings
-from streams.fanout import RETRYABLE, Delivery, Fanout, Item, Lagging, Reset, Subscription
+from app.transport import abort
+from core.outages import FAILED
+from core.settings import Settings
+from streams.fanout import Delivery, Fanout, Item, Lagging, Reset, Subscription
 
 log = logging.getLogger("eddy.sse")
 
@@ -53,9 +55,9 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def event_stream(request: Request) -> Response:
     """`GET /v1/events/stream?topic=T[&topic=T2]`, resumable with `Last-Event-ID`."""
-    settings: Settings = request.app.state.settings
+    settings: Settings = request.app.state.web.settings
     principal = authenticate(request, settings.jwt_secret, allow_query_token=True)
-    fanout: Fanout = request.app.state.fanout
+    fanout: Fanout = request.app.state.web.fanout
     since = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     topics = request.query_params.getlist("topic")
     subscription = fanout.subscribe(principal.tenant, topics, since or None)
@@ -126,7 +128,7 @@ class EventStream(Response):
             return True
         except StopAsyncIteration:
             pass  # the fan-out stopped: end the response, the client reconnects
-        except RETRYABLE as exc:
+        except FAILED as exc:
             log.warning("sse-catch-up-failed tenant=%s error=%r", subscription.tenant_id, exc)
         return not await self._write(send, b"", more_body=False)
 
@@ -136,23 +138,6 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": body, "more_body": more_body})
             return True
         return False
-
-
-def abort(receive: Receive) -> None:
-    """Drop the connection now, with whatever it has not sent yet.
-
-    ASGI cannot say this. An app that ends without finishing its response (or
-    without closing its WebSocket) makes uvicorn `close()` the transport, and a
-    transport closes only once its write buffer has drained: never, for a client
-    that stopped reading. uvicorn's `receive` is a bound method of the request's
-    cycle (HTTP) or of the connection's protocol (WebSocket), and both hold the
-    asyncio / uvloop transport, whose `abort()` closes the socket at once (what
-    the kernel already holds still goes out, then the end). Under a server
-    without those attributes nothing happens.
-    """
-    transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    if callable(close_now := getattr(transport, "abort", None)):
-        close_now()
 
 
 async def _disconnected(receive: Receive) -> None:

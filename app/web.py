@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,14 +23,18 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import admin, commands, sse, ws
-from app.contexts import CONTEXTS
-from app.errors import EddyError, RateLimited
+from app.http import json_response
 from app.limits import Limits
+from app.metrics import Metrics
 from app.openapi import openapi, schema_document
 from app.queries import query_routes
-from app.services import Metrics, Services, json_response
-from app.settings import Settings
-from projections import PROJECTIONS, db
+from app.system import System
+from app.webprocess import WebProcess
+from core.errors import EddyError, RateLimited, Unavailable
+from core.outages import FAILED, POSTGRES_DOWN, REDIS_DOWN
+from core.settings import Settings
+from projections import db
+from projections.cache import QueryCache
 from streams.bus import CommandBus
 from streams.connection import Scripts, connect
 from streams.fanout import Fanout
@@ -47,6 +49,8 @@ async def eddy_error(request: Request, exc: Exception) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, Unavailable):
+        headers = {"Retry-After": "1"}
     return json_response({"error": error}, exc.status, headers)
 
 
@@ -63,6 +67,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unavailable(request: Request, exc: Exception) -> Response:
+    """Redis or Postgres `DOWN` (`core/outages.py`), raised as their client's own
+    error: 503, retry in a second. Nothing was accepted."""
     log.warning("dependency-unavailable path=%s error=%r", request.url.path, exc)
     error = {"code": "unavailable", "message": f"a dependency is unavailable: {type(exc).__name__}"}
     return json_response({"error": error}, 503, {"Retry-After": "1"})
@@ -79,21 +85,21 @@ READY_TIMEOUT_S = 2.0
 async def readyz(request: Request) -> Response:
     """200 when Redis and Postgres both answer; 503 naming the one that does not
     (both are asked at once, so a hung one costs `READY_TIMEOUT_S`, not more)."""
-    services: Services = request.app.state.services
+    web: WebProcess = request.app.state.web
     checks = {"redis": "down: timeout", "postgres": "down: timeout"}
 
     async def redis_up() -> None:
         try:
-            await services.redis.ping()
+            await web.redis.ping()
             checks["redis"] = "ok"
-        except (RedisError, OSError) as exc:
+        except FAILED as exc:
             checks["redis"] = f"down: {type(exc).__name__}"
 
     async def postgres_up() -> None:
         try:
-            await services.pool.fetchval("SELECT 1")
+            await web.pool.fetchval("SELECT 1")
             checks["postgres"] = "ok"
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except FAILED as exc:
             checks["postgres"] = f"down: {type(exc).__name__}"
 
     with anyio.move_on_after(READY_TIMEOUT_S):
@@ -107,19 +113,19 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    services: Services = request.app.state.services
-    await services.metrics.projections.refresh(
-        services.redis, services.pool, services.keys, PROJECTIONS
-    )
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    web: WebProcess = request.app.state.web
+    await web.metrics.projections.refresh(web.redis, web.pool, web.keys, web.system.projections)
+    return Response(generate_latest(web.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def schema(request: Request) -> Response:
-    return json_response(schema_document())
+    web: WebProcess = request.app.state.web
+    return json_response(schema_document(web.system.catalog))
 
 
 async def openapi_json(request: Request) -> Response:
-    return json_response(openapi(PROJECTIONS))
+    web: WebProcess = request.app.state.web
+    return json_response(openapi(web.system))
 
 
 class Timing:
@@ -150,40 +156,39 @@ class Timing:
             self.metrics.requests.labels(name, str(status)).observe(time.perf_counter() - started)
 
 
-def create_app(settings: Settings) -> Starlette:
-    keys = Keys(settings.key_prefix, settings.shards)
+def create_app(settings: Settings, system: System) -> Starlette:
+    """The web process of `system`: its routes, and a lifespan that holds its clients."""
+    keys = Keys.of(settings)
     metrics_ = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         scripts = Scripts(redis)
-        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s)
+        bus = CommandBus(redis, scripts, keys, settings.command_ttl_s, system.catalog)
         # A mismatch fails start-up; if Redis is down now, the bus checks before it writes.
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*FAILED):
             await bus.check_layout()
         pool = await db.create_pool(settings.database_url, settings.db_schema, min_size=0)
-        fanout = Fanout(redis, keys, [c.name for c in CONTEXTS], settings)
-        services = Services(
+        web = WebProcess(
             settings=settings,
+            system=system,
             keys=keys,
             redis=redis,
             scripts=scripts,
             bus=bus,
             pool=pool,
-            fanout=fanout,
+            fanout=Fanout(redis, keys, system.catalog, settings),
+            limits=Limits(settings, redis, scripts, keys, metrics_.registry),
+            query_cache=QueryCache(),
             metrics=metrics_,
         )
-        app.state.services = services
-        app.state.settings = settings
-        app.state.fanout = fanout
-        limits = Limits(settings, redis, scripts, keys, metrics_.registry)
-        app.state.limits = limits
+        app.state.web = web
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(fanout.run)
+                tg.start_soon(web.fanout.run)
                 await tg.start(bus.run)
-                await tg.start(limits.tenants.run)
+                await tg.start(web.limits.tenants.run)
                 yield
                 tg.cancel_scope.cancel()
         finally:
@@ -201,7 +206,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/commands/{type}", commands.submit, methods=["POST"]),
         Route("/v1/events/stream", sse.event_stream, methods=["GET"]),
         WebSocketRoute("/v1/ws", ws.endpoint),
-        *query_routes(PROJECTIONS),
+        *query_routes(system.projections, system.views),
         *admin.routes(),
     ]
     app = Starlette(
@@ -210,11 +215,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             EddyError: eddy_error,
             HTTPException: http_error,
-            RedisError: unavailable,
-            OSError: unavailable,
-            asyncpg.PostgresConnectionError: unavailable,
-            asyncpg.InterfaceError: unavailable,
-            asyncpg.CannotConnectNowError: unavailable,
+            **dict.fromkeys((*REDIS_DOWN, *POSTGRES_DOWN, OSError), unavailable),
         },
     )
     app.add_middleware(Timing, metrics=metrics_)

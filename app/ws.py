@@ -9,8 +9,8 @@ Deliberate choices:
   not end an open socket.
 - Client frames are one tagged union decoded once by one `msgspec` decoder; a
   command's payload stays `Raw` until its type is known, then goes through the
-  same `parse_command` / roles / `build_record` / `bus.submit` steps, in the same
-  order, as `POST /v1/commands/{type}`: same error codes, same idempotency by id.
+  same pipeline as `POST /v1/commands/{type}` (`app/submission.py`): same checks in
+  the same order, same error codes, same idempotency by id.
   A bad frame gets an error frame and the socket stays open; `error_frame` is the
   one place an error becomes a frame. The WS-only refusals (`already_subscribed`,
   `not_subscribed`, `too_many_subscriptions`, `too_many_pending`) are `Refused`.
@@ -38,7 +38,7 @@ Deliberate choices:
   (it would stall too). A subscription more than `subscriber_buffer` events
   behind (`Lagging`), or whose catch-up read fails, closes the socket with 1013:
   the client reconnects and resumes each topic with `since`. Either way the
-  connection is then aborted (`app.sse.abort`): a plain close waits for a
+  connection is then aborted (`app.transport.abort`): a plain close waits for a
   stalled client to read what is still unsent, forever. A client over its frame rate (token bucket:
   `EDDY_WS_FRAMES_PER_S`, burst `EDDY_WS_BURST`) is closed with 1008; the burst
   lets a client push hundreds of chunks at once.
@@ -65,14 +65,16 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.lowlevel import checkpoint
-from starlette.types import Message
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.auth import Principal, authenticate
-from app.commands import build_record, check_id, parse_command
-from app.commands import decode as decode_json
-from app.contexts import COMMANDS
-from app.errors import (
+from app.limits import TokenBucket
+from app.submission import accept
+from app.submission import decode as decode_json
+from app.transport import abort
+from app.webprocess import WebProcess
+from core.errors import (
     EddyError,
     Invalid,
     Malformed,
@@ -80,14 +82,10 @@ from app.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
-    UnknownCommand,
 )
-from app.limits import Limits, TokenBucket
-from app.messages import new_id
-from app.services import Services
-from app.sse import abort
+from core.outages import FAILED
 from streams.bus import FINAL, CommandStatus
-from streams.fanout import RETRYABLE, Delivery, Item, Lagging, Reset, Subscription
+from streams.fanout import Delivery, Item, Lagging, Reset, Subscription
 
 log = logging.getLogger("eddy.ws")
 
@@ -171,16 +169,8 @@ def error_frame(exc: EddyError, ref: str | None) -> dict[str, Any]:
 
 
 def result_frame(status: CommandStatus, ref: str | None) -> dict[str, Any]:
-    frame: dict[str, Any] = {
-        "op": "result",
-        "ref": ref,
-        "command_id": status.command_id,
-        "status": status.status,
-    }
-    for name in ("error", "events", "position"):
-        if getattr(status, name) is not None:
-            frame[name] = getattr(status, name)
-    return frame
+    """What `GET /v1/commands/{id}` answers, as a `result` frame."""
+    return {"op": "result", "ref": ref, **status.public()}
 
 
 def render(head: bytes, topic: bytes, item: Item) -> bytes:
@@ -218,31 +208,41 @@ class Pump:
     done: anyio.Event
 
 
-async def endpoint(websocket: WebSocket) -> None:
-    """`GET /v1/ws`."""
-    services: Services = websocket.app.state.services
-    await websocket.accept()
-    try:
-        principal = authenticate(websocket, services.settings.jwt_secret, allow_query_token=True)
-    except Unauthenticated as exc:
-        with contextlib.suppress(WebSocketDisconnect):
-            await websocket.close(POLICY_VIOLATION, close_reason(exc.message))
-        return
-    services.metrics.ws_connections.inc()
-    try:
-        await Socket(websocket, principal, services).run()
-    finally:
-        services.metrics.ws_connections.dec()
+class Endpoint:
+    """`GET /v1/ws` as an ASGI app (Starlette hands a function a `WebSocket` only):
+    the socket keeps the connection's `receive`, to abort it (`app.transport`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        web: WebProcess = websocket.app.state.web
+        await websocket.accept()
+        try:
+            principal = authenticate(websocket, web.settings.jwt_secret, allow_query_token=True)
+        except Unauthenticated as exc:
+            with contextlib.suppress(WebSocketDisconnect):
+                await websocket.close(POLICY_VIOLATION, close_reason(exc.message))
+            return
+        web.metrics.ws_connections.inc()
+        try:
+            await Socket(websocket, receive, principal, web).run()
+        finally:
+            web.metrics.ws_connections.dec()
+
+
+endpoint = Endpoint()
 
 
 class Socket:
     """One authenticated WebSocket: its subscriptions, pending commands and writer."""
 
-    def __init__(self, websocket: WebSocket, principal: Principal, services: Services) -> None:
+    def __init__(
+        self, websocket: WebSocket, receive: Receive, principal: Principal, web: WebProcess
+    ) -> None:
         self.websocket = websocket
+        self.receive = receive
         self.principal = principal
-        self.services = services
-        self.settings = services.settings
+        self.web = web
+        self.settings = web.settings
         self._pumps: dict[str, Pump] = {}
         self._pending: dict[str, list[str | None]] = {}
         """Command id → the refs of the command frames awaiting its result."""
@@ -253,9 +253,8 @@ class Socket:
         """Whether frames may still be sent."""
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
-        self._frames_in = services.metrics.ws_frames.labels("in")
-        self._frames_out = services.metrics.ws_frames.labels("out")
-        self._limits: Limits = websocket.app.state.limits
+        self._frames_in = web.metrics.ws_frames.labels("in")
+        self._frames_out = web.metrics.ws_frames.labels("out")
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -270,7 +269,7 @@ class Socket:
                 with contextlib.suppress(WebSocketDisconnect):
                     await self.websocket.close(code, close_reason(reason))
             if timeout.cancelled_caught or code == TRY_AGAIN_LATER:
-                abort(self.websocket._receive)  # a client behind: what it has not taken is gone
+                abort(self.receive)  # a client behind: what it has not taken is gone
 
     def _end(self, code: int | None, reason: str = "") -> None:
         """End the socket: close it with `code` (None: without a close frame)."""
@@ -294,7 +293,7 @@ class Socket:
                     self._end(None)
             if timeout.cancelled_caught:
                 log.info("ws-send-timeout tenant=%s", self.principal.tenant)
-                abort(self.websocket._receive)
+                abort(self.receive)
                 self._end(None)
         if self._open:
             self._frames_out.inc()
@@ -345,7 +344,7 @@ class Socket:
         if len(self._pumps) >= self.settings.ws_max_subscriptions:
             limit = self.settings.ws_max_subscriptions
             raise Refused("too_many_subscriptions", f"at most {limit} subscriptions per socket")
-        subscription = self.services.fanout.subscribe(self.principal.tenant, [topic], since)
+        subscription = self.web.fanout.subscribe(self.principal.tenant, [topic], since)
         pump = Pump(anyio.CancelScope(), anyio.Event())
         self._pumps[topic] = pump
         assert self._tg is not None
@@ -393,7 +392,7 @@ class Socket:
             log.info("ws-lagging tenant=%s topic=%s", tenant, topic)
             limit = self.settings.subscriber_buffer
             self._end(TRY_AGAIN_LATER, f"{topic}: over {limit} events behind; resume with since")
-        except RETRYABLE as exc:
+        except FAILED as exc:
             log.warning("ws-catch-up-failed tenant=%s topic=%s error=%r", tenant, topic, exc)
             self._end(TRY_AGAIN_LATER, f"{topic}: catching up failed; resume with since")
         finally:
@@ -404,32 +403,22 @@ class Socket:
     # -- commands --------------------------------------------------------------------
 
     async def _submit(self, frame: SubmitCommand) -> None:
-        """Accept a command exactly as `POST /v1/commands/{type}` does, in the same order."""
-        services, principal, name = self.services, self.principal, frame.type
-        await self._limits.tenants.take("commands", principal.tenant)
-        command_type = COMMANDS.get(name)
-        if command_type is None:
-            raise UnknownCommand(f"unknown command type {name!r}", known=sorted(COMMANDS))
-        principal.require(command_type.context.allowed_roles(name))
-        command = parse_command(command_type, bytes(frame.payload))
-        command_id = new_id() if frame.id is None else check_id(frame.id, "id")
+        """Accept a command as `POST /v1/commands/{type}` does (`app/submission.py`),
+        once the tenant's rate and the socket's pending commands allow it."""
+        await self.web.limits.tenants.take("commands", self.principal.tenant)
         if self._pending_count >= self.settings.ws_max_pending:
             limit = self.settings.ws_max_pending
             raise Refused("too_many_pending", f"at most {limit} commands awaiting their result")
-        record = build_record(command_type, command, principal, command_id, None)
-        shard = services.keys.shard_of(
-            command_type.context.name, principal.tenant, record.aggregate_id
+        accepted = await accept(
+            self.web,
+            self.principal,
+            frame.type,
+            bytes(frame.payload),
+            command_id=None if frame.id is None else (frame.id, "id"),
         )
-        accepted = await services.bus.submit(record, shard)
-        services.metrics.commands.labels(name, "accepted" if accepted.new else "repeated").inc()
+        command_id = accepted.command_id
         await self._reply(
-            {
-                "op": "accepted",
-                "ref": frame.ref,
-                "command_id": command_id,
-                "aggregate_id": accepted.aggregate_id,
-                command_type.context.aggregate_field: accepted.aggregate_id,
-            }
+            {"op": "accepted", "ref": frame.ref, "command_id": command_id, **accepted.ids()}
         )
         self._pending.setdefault(command_id, []).append(frame.ref)
         self._pending_count += 1
@@ -437,7 +426,7 @@ class Socket:
 
     async def _watch_results(self) -> None:
         """Poll the pending commands' statuses in batches; send each final one's result."""
-        bus, tenant = self.services.bus, self.principal.tenant
+        bus, tenant = self.web.bus, self.principal.tenant
         delay = POLL_FIRST_S
         while True:
             with anyio.move_on_after(delay if self._pending else math.inf):

@@ -32,6 +32,8 @@ from typing import Any, Protocol, cast
 import httpx
 import msgspec
 
+from tests.sse import frames
+
 BODY = msgspec.json.encode(
     {
         "agent_id": "agent-bench",
@@ -283,9 +285,9 @@ async def read_sse(url: str, token: str, received: dict[str, float], ready: asyn
         client.stream("GET", url, headers=headers) as response,
     ):
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
+        async for frame in frames(response):
+            if frame.data is not None:
                 arrived = time.perf_counter()
-                received[frame_decoder.decode(line[5:].strip()).metadata.command_id] = arrived
-            elif line.startswith("id:"):
+                received[frame_decoder.decode(frame.data).metadata.command_id] = arrived
+            elif frame.id is not None:
                 ready.set()

@@ -60,11 +60,11 @@ import redis.asyncio as aioredis
 import uvloop
 
 from app.auth import issue_token
-from app.messages import CommandRecord
-from app.settings import Settings
 from bench import chat, load, pg_baseline
 from bench.procs import CpuMeter, Proc, free_port, running, wait_http
 from bench.report import Figure, cpu_table, table
+from core.messages import CommandRecord
+from core.settings import Settings
 from streams.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent

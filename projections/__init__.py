@@ -1,40 +1,7 @@
-"""PostgreSQL read models: migrations, checkpoints, the projector and the queries.
+"""PostgreSQL read models, the framework: what a projection declares, the projector
+and its checkpoints, migrations, the event archive, materialized views, the query
+cache, zero-downtime rebuilds, schema drift and lag status.
 
-Every projection is listed once in `PROJECTIONS`; the projector and the query
-routes are built from this list.
+It knows no application: the projections, views and contexts of a system are
+built in its composition root (`app/registry.py`) and passed in.
 """
-
-from __future__ import annotations
-
-from projections import (
-    archive,
-    chat_sessions,
-    message_streams,
-    runtime_config,
-    tools,
-    traces,
-    views,
-)
-from projections.projection import Projection
-from projections.views import View
-
-PROJECTIONS: tuple[Projection, ...] = (
-    chat_sessions.PROJECTION,
-    traces.PROJECTION,
-    message_streams.PROJECTION,
-    runtime_config.PROJECTION,
-    tools.PROJECTION,
-    archive.PROJECTION,
-)
-
-VIEWS: tuple[View, ...] = (
-    chat_sessions.CHAT_SESSION_SUMMARIES,
-    traces.SESSION_TRACE_STATS,
-    tools.TOOL_USAGE,
-)
-"""Materialized views over the projections' tables, declared beside the projection
-that owns them (`projections/views.py`): `eddy migrate` creates them, the projector
-refreshes them."""
-
-# Each view's queries are served with those of the first projection it reads.
-PROJECTIONS = views.serving(PROJECTIONS, VIEWS)

@@ -27,10 +27,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import asyncpg
 import msgspec
 
-from app.contexts import CONTEXTS
-from app.messages import Envelope, Metadata
+from core.messages import Context, Envelope, Metadata
 from projections.db import Connection
-from projections.projection import Projection, tables
+from projections.projection import Batch, Projection, tables
 from streams.keys import Shard
 from streams.positions import ZERO, EntryId, event_position, format_entry_id
 
@@ -101,9 +100,9 @@ def _row(envelope: Envelope) -> bytes:
     )
 
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+async def apply(conn: Connection, batch: Batch) -> None:
     """Append a batch: one COPY, in the projector's transaction."""
-    data = b"".join(_row(envelope) for envelope in envelopes)
+    data = b"".join(_row(envelope) for envelope, _ in batch)
     await conn.copy_to_table(TABLE, source=io.BytesIO(data), columns=COLUMNS, format="text")
 
 
@@ -206,9 +205,15 @@ async def history(
     return [_envelope(row) for row in rows]
 
 
-PROJECTION = Projection(
-    name="archive",
-    contexts=tuple(context.name for context in CONTEXTS),
-    apply=apply,
-    tables=tables("archive"),
-)
+NAME = "archive"
+
+
+def projection(contexts: Sequence[Context]) -> Projection:
+    """The archive of every event of `contexts` (all of a system's)."""
+    return Projection(
+        name=NAME,
+        reads=tuple(contexts),
+        events=None,  # every event, as it was written: upcast when read, never here
+        apply=apply,
+        tables=tables("projections", "archive"),
+    )

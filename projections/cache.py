@@ -18,9 +18,9 @@ the rows a miss caches come from one snapshot, and a hit needs only the
 generation. Nothing is lost to a crash: the generation moves with the rows or
 not at all, and `?after=` waits for the checkpoint that commits both.
 
-Redis failing (an error, or no answer within `REDIS_TIMEOUT_S`) is not an error
-for the client: the cache is skipped for `PAUSE_S` (logged once per outage) and
-the answer comes from Postgres. 404s and answers over `MAX_CACHED_BYTES` are not
+Redis failing (an error, or no answer within a quarter second) is not an error
+for the client: the cache is skipped for a second (a `Breaker`, logged once per
+outage) and the answer comes from Postgres. 404s and answers over `MAX_CACHED_BYTES` are not
 kept. The projector moves generations whether or not `EDDY_QUERY_CACHE` is on, so
 turning it on again never finds an answer older than its generation.
 
@@ -33,32 +33,26 @@ generation before the swap committed (its own moment), never after.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import anyio
 import msgspec
-from redis.exceptions import RedisError
 
-from app.contexts import EVENTS
-from app.errors import ConfigurationError
-from app.messages import Envelope
+from core.messages import Envelope
+from core.outages import Breaker, Bypassed
 from projections import db
 from projections.db import Connection
-from projections.projection import Invalidation, Projection, Query, QueryArgs
+from projections.pagination import QueryArgs
+from projections.projection import Invalidation, Projection, Query
 from streams.connection import Redis
 from streams.keys import Keys, Shard
 
 log = logging.getLogger("eddy.cache")
 
-PAUSE_S = 1.0
-"""After a Redis error, the cache is skipped this long (every query goes to Postgres)."""
-REDIS_TIMEOUT_S = 0.25
-"""A cache read or write taking longer counts as Redis failing."""
 MAX_CACHED_BYTES = 1 << 20
 """Answers larger than this are served but not kept."""
 NOT_ARGUMENTS = frozenset({"after", "access_token"})
@@ -112,10 +106,9 @@ class Generations:
                 for reader in readers:
                     self._cached[reader.name].append(query.name)
                 for invalidation in query.cache.invalidated_by:
-                    _check(query, invalidation, readers)
                     events = frozenset(e.__name__ for e in invalidation.events)
                     for reader in readers:
-                        if any(EVENTS[e].context.name in reader.contexts for e in events):
+                        if set(invalidation.events) & set(reader.handles):
                             self._rules[reader.name].append(_Rule(query.name, events, invalidation))
 
     def moved(
@@ -148,20 +141,6 @@ class Generations:
             await conn.execute(MOVE, queries, [TENANT] * len(queries), [TENANT] * len(queries))
 
 
-def _check(query: Query, invalidation: Invalidation, readers: Sequence[Projection]) -> None:
-    """Refuse a rule that could never fire, or could miss an answer it should drop."""
-    assert query.cache is not None
-    if invalidation.scopes is not None and query.cache.scope is None:
-        raise ConfigurationError(f"{query.name}: an invalidation with scopes needs a Cache.scope")
-    contexts = {c for reader in readers for c in reader.contexts}
-    for event in invalidation.events:
-        known = EVENTS.get(event.__name__)
-        if known is None or known.context.name not in contexts:
-            raise ConfigurationError(
-                f"{query.name}: {event.__name__} is not projected into the tables it reads"
-            )
-
-
 async def generation(conn: Connection | db.Pool, query: str, tenant_id: str, scope: str) -> int:
     """The generation of the answers of `query` for (`tenant_id`, `scope`)."""
     value = await conn.fetchval(GENERATION, query, tenant_id, scope)
@@ -180,10 +159,8 @@ class QueryCache:
 
     Holds only whether Redis is failing: the clients are passed in per request."""
 
-    def __init__(self, pause_s: float = PAUSE_S) -> None:
-        self.pause_s = pause_s
-        self._paused_until = 0.0
-        self._failing = False
+    def __init__(self, pause_s: float = 1.0) -> None:
+        self.breaker = Breaker("query-cache", "answering from Postgres", log, pause_s=pause_s)
 
     async def answer(
         self, pool: db.Pool, redis: Redis, keys: Keys, query: Query, args: QueryArgs
@@ -197,16 +174,13 @@ class QueryCache:
         def key(at: int) -> str:
             return keys.query_cache(query.name, args.tenant_id, scope, at, digest)
 
-        if time.monotonic() < self._paused_until:
+        if self.breaker.open:
             return await _uncached(pool, query, args), "bypass"
         seen = await generation(pool, query.name, args.tenant_id, scope)
         try:
-            with anyio.fail_after(REDIS_TIMEOUT_S):
-                cached = await redis.get(key(seen))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
+            cached = await self.breaker.call(lambda: redis.get(key(seen)))
+        except Bypassed:
             return await _uncached(pool, query, args), "bypass"
-        self._working()
         if cached is not None:
             assert isinstance(cached, bytes)  # the clients do not decode responses
             return cached, "hit"
@@ -220,23 +194,10 @@ class QueryCache:
             return None, "miss"
         body = _encoder.encode(result)
         if len(body) <= MAX_CACHED_BYTES:
-            try:
-                with anyio.fail_after(REDIS_TIMEOUT_S):
-                    await redis.set(key(at), body, px=max(1, round(policy.ttl_s * 1000)))
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)
+            ttl_ms = max(1, round(policy.ttl_s * 1000))
+            with contextlib.suppress(Bypassed):  # served all the same, just not kept
+                await self.breaker.call(lambda: redis.set(key(at), body, px=ttl_ms))
         return body, "miss"
-
-    def _failed(self, exc: BaseException) -> None:
-        self._paused_until = time.monotonic() + self.pause_s
-        if not self._failing:
-            self._failing = True
-            log.warning("query-cache-unavailable error=%r (answering from Postgres)", exc)
-
-    def _working(self) -> None:
-        if self._failing:
-            self._failing = False
-            log.info("query-cache-back")
 
 
 async def _uncached(pool: db.Pool, query: Query, args: QueryArgs) -> bytes | None:

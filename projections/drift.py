@@ -2,15 +2,11 @@
 
 `check()` creates every projection's declared DDL (`Projection.tables`) in a
 scratch schema (`<schema>__drift_<random>`) inside a transaction that is rolled
-back, reads both schemas from `pg_catalog` and compares them: tables (missing,
-extra), columns (missing, extra, type with collation, nullability, default,
-generated expression, identity), the primary key, the other constraints (unique,
-check, exclusion, foreign key; by name and `pg_get_constraintdef`) and the
-indexes not backing a constraint (by name and `pg_get_indexdef`). SQL is never
-parsed: Postgres itself says what the declaration means. Each schema is read with
-`search_path` set to it, so names inside definitions (types, sequences, tables)
-come out unqualified in both; `pg_get_indexdef` always qualifies the indexed
-table, so that qualifier is stripped.
+back, reads both schemas from `pg_catalog` (`projections/introspect.py`) and
+compares them: tables (missing, extra), columns (missing, extra, type with
+collation, nullability, default, generated expression, identity), the primary
+key, the other constraints (unique, check, exclusion, foreign key) and the
+indexes not backing a constraint.
 
 Every difference gets a verdict:
 
@@ -52,7 +48,6 @@ Deliberate choices:
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -61,7 +56,18 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
-from projections.db import MIGRATION_LOCK, Connection
+from projections.db import Connection
+from projections.introspect import (
+    Column,
+    Constraint,
+    Index,
+    Tables,
+    quote,
+    read,
+    short_type,
+    table_names,
+)
+from projections.migrate import MIGRATION_LOCK
 from projections.projection import Projection
 
 LOCK_TIMEOUT_S = 10
@@ -71,61 +77,6 @@ INFRASTRUCTURE_PREFIX = "eddy_"
 """Eddy's own tables (`projections/migrations/`): never reported as extra."""
 
 Verdict = Literal["repair", "rebuild", "migrate", "report"]
-
-
-@dataclass(frozen=True)
-class Column:
-    type: str
-    """`format_type`, plus ` COLLATE <name>` when not the type's own collation."""
-    not_null: bool
-    default: str | None
-    generated: str | None
-    """The expression of a generated column."""
-    identity: str
-    """`always`, `by default` or empty."""
-
-    def describe(self) -> str:
-        """As people write it: `varchar(64) DEFAULT 'x'::character varying NOT NULL`."""
-        return self._render(_short_type(self.type))
-
-    def definition(self) -> str:
-        """What ADD COLUMN takes after the name."""
-        return self._render(self.type)
-
-    def _render(self, type_name: str) -> str:
-        text = type_name
-        if self.generated is not None:
-            text += f" GENERATED ALWAYS AS ({self.generated}) STORED"
-        if self.identity:
-            text += f" GENERATED {self.identity.upper()} AS IDENTITY"
-        if self.default is not None:
-            text += f" DEFAULT {self.default}"
-        return text + (" NOT NULL" if self.not_null else "")
-
-
-@dataclass(frozen=True)
-class Index:
-    definition: str
-    """`pg_get_indexdef` without the table's schema."""
-    unique: bool
-    valid: bool
-
-
-@dataclass(frozen=True)
-class Constraint:
-    kind: str
-    """`pg_constraint.contype`: p, u, c, x or f."""
-    definition: str
-    """`pg_get_constraintdef`."""
-
-
-@dataclass
-class Tables:
-    """What one schema holds, by table name."""
-
-    columns: dict[str, dict[str, Column]] = field(default_factory=dict)
-    constraints: dict[str, dict[str, Constraint]] = field(default_factory=dict)
-    indexes: dict[str, dict[str, Index]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -277,16 +228,14 @@ class Report:
         return msgspec.json.encode(body).decode()
 
 
-async def check(
-    database_url: str, schema: str, projections: Sequence[Projection] | None = None
-) -> Report:
+async def check(database_url: str, schema: str, projections: Sequence[Projection]) -> Report:
     """The differences between the declared tables and `schema`; changes nothing."""
     conn = await asyncpg.connect(database_url)
     try:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            declaration = await declare(conn, schema, _projections(projections))
+            declaration = await declare(conn, schema, projections)
             found = await read(conn, schema)
             return Report(compare(declaration, found), tables=len(declaration.owners))
         finally:
@@ -295,9 +244,7 @@ async def check(
         await conn.close()
 
 
-async def repair(
-    database_url: str, schema: str, projections: Sequence[Projection] | None = None
-) -> Report:
+async def repair(database_url: str, schema: str, projections: Sequence[Projection]) -> Report:
     """Apply every `repair` difference in one transaction under the migration lock;
     the report holds what was repaired and what is left (read again afterwards)."""
     conn = await asyncpg.connect(database_url)
@@ -305,9 +252,9 @@ async def repair(
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_S}s'")
-            declaration = await declare(conn, schema, _projections(projections))
+            declaration = await declare(conn, schema, projections)
             differences = compare(declaration, await read(conn, schema))
-            await conn.execute(f"SET LOCAL search_path TO {_q(schema)}")
+            await conn.execute(f"SET LOCAL search_path TO {quote(schema)}")
             repaired: list[Difference] = []
             refused: dict[tuple[str, str | None, str | None], str] = {}
             for difference in differences:
@@ -323,7 +270,7 @@ async def repair(
                     refused[difference.key] = f"existing rows break it ({exc})"
                 else:
                     repaired.append(difference)
-            await conn.execute(f"DROP SCHEMA {_q(declaration.scratch)} CASCADE")
+            await conn.execute(f"DROP SCHEMA {quote(declaration.scratch)} CASCADE")
             left = [
                 replace(d, verdict="rebuild", reason=refused[d.key]) if d.key in refused else d
                 for d in compare(declaration, await read(conn, schema))
@@ -333,33 +280,25 @@ async def repair(
         await conn.close()
 
 
-def _projections(projections: Sequence[Projection] | None) -> Sequence[Projection]:
-    if projections is None:
-        from projections import PROJECTIONS
-
-        return PROJECTIONS
-    return projections
-
-
 async def declare(conn: Connection, schema: str, projections: Sequence[Projection]) -> Declaration:
     """Create the projections' tables in a new scratch schema (inside the caller's
     transaction, which drops or rolls it back) and read them back."""
     prefix = schema.encode()[: 63 - len("__drift_12345678")].decode(errors="ignore")
     scratch = f"{prefix}__drift_{secrets.token_hex(4)}"
-    await conn.execute(f"CREATE SCHEMA {_q(scratch)}")
-    await conn.execute(f"SET LOCAL search_path TO {_q(scratch)}")
+    await conn.execute(f"CREATE SCHEMA {quote(scratch)}")
+    await conn.execute(f"SET LOCAL search_path TO {quote(scratch)}")
     owners: dict[str, str] = {}
     for projection in projections:
         if projection.tables.strip():
             await conn.execute(projection.tables)
-        for table in await _table_names(conn, scratch):
+        for table in await table_names(conn, scratch):
             owners.setdefault(table, projection.name)
     registry = await conn.fetchval(
         "SELECT to_regclass(quote_ident($1) || '.eddy_projections')", schema
     )
     installed: set[str] = set()
     if registry is not None:
-        rows = await conn.fetch(f"SELECT name FROM {_q(schema)}.eddy_projections")
+        rows = await conn.fetch(f"SELECT name FROM {quote(schema)}.eddy_projections")
         installed = {row["name"] for row in rows}
     return Declaration(
         schema=schema,
@@ -369,85 +308,6 @@ async def declare(conn: Connection, schema: str, projections: Sequence[Projectio
         projections=tuple(p.name for p in projections),
         installed=frozenset(installed),
     )
-
-
-_TABLES = """
-    SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-"""
-
-_COLUMNS = f"""
-    SELECT t.relname AS table_name, a.attname AS name,
-        format_type(a.atttypid, a.atttypmod)
-            || CASE WHEN a.attcollation <> ty.typcollation
-                THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END AS type,
-        a.attnotnull AS not_null,
-        CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END AS default_expr,
-        CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS generated,
-        CASE a.attidentity WHEN 'a' THEN 'always' WHEN 'd' THEN 'by default' ELSE '' END
-            AS identity
-    FROM ({_TABLES}) t
-    JOIN pg_attribute a ON a.attrelid = t.oid
-    JOIN pg_type ty ON ty.oid = a.atttypid
-    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-    WHERE a.attnum > 0 AND NOT a.attisdropped
-    ORDER BY t.relname, a.attnum
-"""
-
-_CONSTRAINTS = f"""
-    SELECT t.relname AS table_name, k.conname AS name, k.contype::text AS kind,
-        pg_get_constraintdef(k.oid) AS definition
-    FROM ({_TABLES}) t JOIN pg_constraint k ON k.conrelid = t.oid
-    WHERE k.contype IN ('p', 'u', 'c', 'x', 'f')
-    ORDER BY t.relname, k.conname
-"""
-
-_INDEXES = f"""
-    SELECT t.relname AS table_name, i.relname AS name, pg_get_indexdef(x.indexrelid) AS definition,
-        x.indisunique AS is_unique, x.indisvalid AS is_valid
-    FROM ({_TABLES}) t
-    JOIN pg_index x ON x.indrelid = t.oid
-    JOIN pg_class i ON i.oid = x.indexrelid
-    WHERE NOT EXISTS (
-        SELECT 1 FROM pg_constraint k
-        WHERE k.conindid = x.indexrelid AND k.conrelid = x.indrelid AND k.contype IN ('p', 'u', 'x')
-    )
-    ORDER BY t.relname, i.relname
-"""
-
-
-async def _table_names(conn: Connection, schema: str) -> list[str]:
-    return sorted(row["relname"] for row in await conn.fetch(_TABLES, schema))
-
-
-async def read(conn: Connection, schema: str) -> Tables:
-    """The tables of `schema` (with `search_path` set to it for the rest of the
-    caller's transaction, so definitions name its objects unqualified)."""
-    await conn.execute(f"SET LOCAL search_path TO {_q(schema)}")
-    tables = Tables()
-    for name in await _table_names(conn, schema):
-        tables.columns[name], tables.constraints[name], tables.indexes[name] = {}, {}, {}
-    for row in await conn.fetch(_COLUMNS, schema):
-        tables.columns[row["table_name"]][row["name"]] = Column(
-            type=row["type"],
-            not_null=row["not_null"],
-            default=row["default_expr"],
-            generated=row["generated"],
-            identity=row["identity"],
-        )
-    for row in await conn.fetch(_CONSTRAINTS, schema):
-        tables.constraints[row["table_name"]][row["name"]] = Constraint(
-            kind=row["kind"], definition=row["definition"]
-        )
-    qualifier = await conn.fetchval("SELECT quote_ident($1) || '.'", schema)
-    for row in await conn.fetch(_INDEXES, schema):
-        definition = row["definition"]
-        for on in (" ON ", " ON ONLY "):
-            definition = definition.replace(on + qualifier, on, 1)
-        tables.indexes[row["table_name"]][row["name"]] = Index(
-            definition=definition, unique=row["is_unique"], valid=row["is_valid"]
-        )
-    return tables
 
 
 def compare(declaration: Declaration, found: Tables) -> list[Difference]:
@@ -461,8 +321,8 @@ def compare(declaration: Declaration, found: Tables) -> list[Difference]:
         for table in sorted(t for t, owner in declaration.owners.items() if owner == projection):
             if table not in found.columns:
                 move = (
-                    f"ALTER TABLE {_q(declaration.scratch)}.{_q(table)}"
-                    f" SET SCHEMA {_q(declaration.schema)}"
+                    f"ALTER TABLE {quote(declaration.scratch)}.{quote(table)}"
+                    f" SET SCHEMA {quote(declaration.schema)}"
                 )
                 differences.append(
                     Difference("missing_table", "repair", projection, table, fix=(move,))
@@ -490,7 +350,7 @@ class _TableComparison:
 
     def __init__(self, projection: str, table: str) -> None:
         self.projection, self.table = projection, table
-        self.alter = f"ALTER TABLE {_q(table)}"
+        self.alter = f"ALTER TABLE {quote(table)}"
         self.differences: list[Difference] = []
 
     def add(
@@ -511,15 +371,15 @@ class _TableComparison:
     def columns(self, want: dict[str, Column], have: dict[str, Column]) -> None:
         add = self.add
         for name, column in want.items():
-            current, alter = have.get(name), f"{self.alter} ALTER COLUMN {_q(name)}"
+            current, alter = have.get(name), f"{self.alter} ALTER COLUMN {quote(name)}"
             if current is None:
-                sql = f"{self.alter} ADD COLUMN {_q(name)} {column.definition()}"
+                sql = f"{self.alter} ADD COLUMN {quote(name)} {column.definition()}"
                 fills = column.default or column.generated or column.identity
                 verdict: Verdict = "rebuild" if column.not_null and not fills else "repair"
                 add("missing_column", verdict, name, None, column.describe(), sql)
                 continue
             if current.type != column.type:
-                types = (_short_type(current.type), _short_type(column.type))
+                types = (short_type(current.type), short_type(column.type))
                 add("column_type", "rebuild", name, *types)
             if current.generated != column.generated:
                 add("column_generated", "rebuild", name, current.generated, column.generated)
@@ -545,13 +405,13 @@ class _TableComparison:
             add("primary_key", "rebuild", None, current_key, key)
         for name, constraint in want.items():
             current, declared = have.get(name), constraint.definition
-            sql = f"{self.alter} ADD CONSTRAINT {_q(name)} {declared}"
+            sql = f"{self.alter} ADD CONSTRAINT {quote(name)} {declared}"
             if constraint.kind == "p" or current == constraint:
                 continue
             if current is None:
                 add("missing_constraint", "repair", name, None, declared, sql, tentative=True)
             else:
-                drop = f"{self.alter} DROP CONSTRAINT {_q(name)}"
+                drop = f"{self.alter} DROP CONSTRAINT {quote(name)}"
                 found = current.definition
                 add("constraint", "repair", name, found, declared, drop, sql, tentative=True)
         for name in sorted(have.keys() - want.keys()):
@@ -566,7 +426,7 @@ class _TableComparison:
                 add("missing_index", "repair", name, None, _shape(index), sql, tentative=unique)
             elif current.definition != index.definition or not current.valid:
                 shapes = (_shape(current), _shape(index))
-                drop = f"DROP INDEX {_q(name)}"
+                drop = f"DROP INDEX {quote(name)}"
                 add("index", "repair", name, *shapes, drop, sql, tentative=unique)
         for name in sorted(have.keys() - want.keys()):
             add("extra_index", "report", name, _shape(have[name]))
@@ -589,28 +449,6 @@ def _shape(index: Index) -> str:
 
 def _nullability(not_null: bool) -> str:
     return "NOT NULL" if not_null else "nullable"
-
-
-_SHORT_TYPES = (
-    (re.compile(r"^character varying"), "varchar"),
-    (re.compile(r"^character\b"), "char"),
-    (re.compile(r"^bit varying"), "varbit"),
-    (re.compile(r"^timestamp(\(\d+\))? with time zone"), r"timestamptz\1"),
-    (re.compile(r"^timestamp(\(\d+\))? without time zone"), r"timestamp\1"),
-    (re.compile(r"^time(\(\d+\))? with time zone"), r"timetz\1"),
-    (re.compile(r"^time(\(\d+\))? without time zone"), r"time\1"),
-)
-
-
-def _short_type(name: str) -> str:
-    """The name people write (`varchar(64)`, `timestamptz`) for `format_type`'s."""
-    for pattern, short in _SHORT_TYPES:
-        name = pattern.sub(short, name)
-    return name
-
-
-def _q(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _count(n: int, noun: str) -> str:

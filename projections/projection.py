@@ -1,152 +1,53 @@
-"""What a projection module declares: the contexts it reads, its tables, how it
-applies a batch of events inside the projector's transaction, and the queries it
-answers.
+"""What a read-model module declares: the contexts it reads, the events it
+handles, how it applies a batch of them inside the projector's transaction, its
+tables, and the queries it answers.
+
+Each event a projection handles is named once, in the union of `events`:
+
+```python
+Handled = ToolRegistered | ToolUpdated | ToolDeactivated
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
+    for env, event in batch:
+        match event:
+            case ToolRegistered(): ...
+            ...
+            case _:
+                assert_never(event)  # mypy: a case for every event of the union
+
+PROJECTION = Projection(name="tools", reads=(tools.CONTEXT,), events=Handled, apply=apply, ...)
+```
+
+The projector decodes only those events (in their current shape) and hands them
+to `apply` with their envelopes; `assert_never` makes mypy refuse an `apply`
+without a case for one of them. A new event of a context the projection reads
+cannot be forgotten either: every event of its contexts is in `events` or in
+`ignores` (a `ConfigurationError` at start-up otherwise), and every cached query
+and materialized view reading the projection's tables says, for each event the
+projection handles, whether it changes their answers (`Cache`, `View`,
+`check_invalidations`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import types
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import msgspec
 
-from app.errors import BadRequest
-from app.messages import Envelope, Event
+from core.catalog import Catalog
+from core.errors import ConfigurationError
+from core.messages import Context, Envelope, Event
 from projections.db import Connection
+from projections.pagination import QueryArgs
 
-MAX_LIMIT = 500
-DEFAULT_LIMIT = 50
-
-
-class QueryArgs(msgspec.Struct, frozen=True, kw_only=True):
-    """What a query function gets: the tenant, the path parameters and the query string."""
-
-    tenant_id: str
-    path: Mapping[str, str]
-    params: Mapping[str, str]
-
-    def limit(self) -> int:
-        raw = self.params.get("limit", str(DEFAULT_LIMIT))
-        # isdigit() alone takes "²", which int() refuses
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
-            raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-        return int(raw)
-
-    def cursor(self) -> list[Any] | None:
-        raw = self.params.get("cursor")
-        return None if not raw else decode_cursor(raw)
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.params.get(name, default)
-        if value not in choices:
-            raise BadRequest(f"{name} must be one of {', '.join(choices)}")
-        return value
-
-
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(values)).decode().rstrip("=")
-
-
-def decode_cursor(raw: str) -> list[Any]:
-    try:
-        values = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise _not_ours() from None
-    if not isinstance(values, list):
-        raise _not_ours()
-    return values
-
-
-def _not_ours() -> BadRequest:
-    return BadRequest("cursor is not one this API issued")
-
-
-@dataclass(frozen=True)
-class Keyset:
-    """Keyset pagination: rows in the order of `columns` (unique together), all
-    ascending or all descending. A page's cursor holds its last row's values of
-    `columns`; the next page starts after them, so rows written in between never
-    shift or repeat a page."""
-
-    columns: tuple[str, ...]
-    types: tuple[type, ...]
-    """Of each column's cursor value: `str`, `int` (0 ≤ n < 2³¹) or `datetime`."""
-    descending: bool = False
-
-    async def page(
-        self,
-        conn: Connection,
-        args: QueryArgs,
-        select: str,
-        equal: Mapping[str, Any] | None = None,
-        item: Callable[[Any], dict[str, Any]] = dict,
-    ) -> dict[str, Any]:
-        """`{"items", "next_cursor"}`: one page of the tenant's rows of `select`
-        (`SELECT … FROM …`) whose columns equal the values of `equal` (a None value
-        is no condition)."""
-        limit = args.limit()
-        where: list[str] = ["tenant_id = $1"]
-        values: list[Any] = [args.tenant_id]
-        for column, value in (equal or {}).items():
-            if value is not None:
-                values.append(value)
-                where.append(f"{column} = ${len(values)}")
-        cursor = args.cursor()
-        if cursor is not None:
-            after = self._after(cursor)
-            marks = ", ".join(f"${len(values) + 1 + i}" for i in range(len(after)))
-            values += after
-            compare = "<" if self.descending else ">"
-            where.append(f"({', '.join(self.columns)}) {compare} ({marks})")
-        values.append(limit + 1)
-        direction = " DESC" if self.descending else ""
-        rows = await conn.fetch(
-            f"{select} WHERE {' AND '.join(where)}"
-            f" ORDER BY {', '.join(c + direction for c in self.columns)} LIMIT ${len(values)}",
-            *values,
-        )
-        next_cursor = None
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            next_cursor = encode_cursor([_plain(last[column]) for column in self.columns])
-        return {"items": [item(row) for row in rows[:limit]], "next_cursor": next_cursor}
-
-    def check(self, args: QueryArgs) -> None:
-        """Refuse a bad `limit` or `cursor` (400) before anything is looked up."""
-        args.limit()
-        if (cursor := args.cursor()) is not None:
-            self._after(cursor)
-
-    def _after(self, cursor: list[Any]) -> list[Any]:
-        if len(cursor) != len(self.types):
-            raise _not_ours()
-        values: list[Any] = []
-        for value, kind in zip(cursor, self.types, strict=True):
-            if kind is datetime and isinstance(value, str):
-                # what Eddy issues has an offset; Postgres must be able to take it in UTC
-                try:
-                    moment = datetime.fromisoformat(value)
-                    if moment.tzinfo is None:
-                        raise ValueError(value)
-                    values.append(moment.astimezone(UTC))
-                except (ValueError, OverflowError):
-                    raise _not_ours() from None
-            elif (kind is int and type(value) is int and 0 <= value < 2**31) or (
-                kind is str and isinstance(value, str) and "\x00" not in value
-            ):
-                values.append(value)
-            else:
-                raise _not_ours()
-        return values
-
-
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+Batch = Sequence[tuple[Envelope, Any]]
+"""What `apply` gets: each envelope with its decoded event (None for a projection
+of every event, `events=None`)."""
 
 
 class Statements:
@@ -198,13 +99,20 @@ class Cache:
     """A query's answers may be kept in Redis for `ttl_s` seconds; one is never
     served once an event of `invalidated_by` that changes it has been projected.
 
-    `invalidated_by` must name every event that changes the rows the query reads
-    (in any projection it reads); `scope` (None: the whole tenant) narrows which
-    answers an `Invalidation` with `scopes` drops."""
+    Every event handled by a projection the query reads (its own, `also_from`) is
+    named in `invalidated_by` or in `unaffected_by` (`check_invalidations`);
+    `scope` (None: the whole tenant) narrows which answers an `Invalidation` with
+    `scopes` drops."""
 
     ttl_s: float
     invalidated_by: tuple[Invalidation, ...]
     scope: Callable[[QueryArgs], str] | None = None
+    unaffected_by: tuple[type[Event], ...] = ()
+    """Events of the projections it reads that change none of its answers."""
+
+    @property
+    def invalidating(self) -> frozenset[type[Event]]:
+        return frozenset(e for rule in self.invalidated_by for e in rule.events)
 
 
 @dataclass(frozen=True)
@@ -223,19 +131,117 @@ class Query:
     """How its answers are cached (`projections/cache.py`); None: never."""
 
 
-def tables(name: str) -> str:
-    """The DDL of `projections/tables/<name>.sql`: a projection's tables and indexes."""
-    return resources.files("projections").joinpath("tables", f"{name}.sql").read_text()
+def tables(package: str, name: str) -> str:
+    """The DDL in `<package>/tables/<name>.sql`: a projection's tables and indexes."""
+    return resources.files(package).joinpath("tables", f"{name}.sql").read_text()
+
+
+def event_classes(events: Any) -> tuple[type[Event], ...]:
+    """The classes of an event union (`A | B`), or of one event class."""
+    members = typing.get_args(events) if isinstance(events, types.UnionType) else (events,)
+    if not members or not all(isinstance(m, type) and issubclass(m, Event) for m in members):
+        raise ConfigurationError(f"not an event class or a union of them: {events!r}")
+    return tuple(members)
 
 
 @dataclass(frozen=True)
 class Projection:
     name: str
-    contexts: tuple[str, ...]
-    apply: Callable[[Connection, list[Envelope]], Awaitable[None]]
+    reads: tuple[Context, ...]
+    """The contexts whose event streams it reads."""
+    events: Any
+    """The events it handles: a union of event classes (`A | B`), one class, or
+    None for every event of its contexts, not decoded (the event archive)."""
+    apply: Callable[[Connection, Batch], Awaitable[None]]
     queries: tuple[Query, ...] = ()
     tables: str = ""
     """Its tables and indexes (unqualified names): what `eddy migrate` creates, what
     a rebuild builds again, what `eddy drift check` compares with the database."""
     version: int = 1
     """Raise it when the rows' meaning changes: the projection is rebuilt from history."""
+    ignores: tuple[type[Event], ...] = ()
+    """The events of its contexts it does not apply (each of the others is in `events`)."""
+    contexts: tuple[str, ...] = field(init=False)
+    handles: tuple[type[Event], ...] = field(init=False)
+    """The event classes of `events` (empty for every event)."""
+    _decoders: dict[str, msgspec.json.Decoder[Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        handles = () if self.events is None else event_classes(self.events)
+        if self.events is not None:
+            account_for(
+                f"projection {self.name}",
+                f"the contexts it reads ({', '.join(c.name for c in self.reads)})",
+                {e for context in self.reads for e in context.events},
+                frozenset(handles),
+                set(self.ignores),
+                what_it="it applies",
+            )
+        object.__setattr__(self, "contexts", tuple(c.name for c in self.reads))
+        object.__setattr__(self, "handles", handles)
+        decoders = {e.__name__: msgspec.json.Decoder(e) for e in handles}
+        object.__setattr__(self, "_decoders", decoders)
+
+    def decoded(
+        self, envelopes: Sequence[Envelope], catalog: Catalog
+    ) -> list[tuple[Envelope, Any]]:
+        """The envelopes of the events it handles, in their current shape, each with
+        its event; for a projection of every event, all of them as written."""
+        if self.events is None:
+            return [(envelope, None) for envelope in envelopes]
+        decoders, current = self._decoders, catalog.current
+        return [
+            (now, decoder.decode(now.payload))
+            for envelope in envelopes
+            if (decoder := decoders.get(envelope.type)) is not None and (now := current(envelope))
+        ]
+
+    async def project(
+        self, conn: Connection, envelopes: Sequence[Envelope], catalog: Catalog
+    ) -> None:
+        """Apply the events it handles among `envelopes` (read as written)."""
+        if batch := self.decoded(envelopes, catalog):
+            await self.apply(conn, batch)
+
+
+def check_invalidations(projections: Sequence[Projection]) -> None:
+    """Refuse a cached query that does not say, of some event handled by a
+    projection it reads, whether the event changes its answers; or that names an
+    event none of them handles."""
+    by_name = {p.name: p for p in projections}
+    for projection in projections:
+        for query in projection.queries:
+            if query.cache is None:
+                continue
+            readers = [projection, *(by_name[name] for name in query.also_from)]
+            handled = {e for reader in readers for e in reader.handles}
+            invalidating, unaffected = query.cache.invalidating, set(query.cache.unaffected_by)
+            if query.cache.scope is None and any(
+                rule.scopes is not None for rule in query.cache.invalidated_by
+            ):
+                raise ConfigurationError(
+                    f"{query.name}: an invalidation with scopes needs a Cache.scope"
+                )
+            account_for(query.name, "the projections it reads", handled, invalidating, unaffected)
+
+
+def account_for(
+    what: str,
+    source: str,
+    handled: set[type[Event]],
+    named: frozenset[type[Event]],
+    unaffected: set[type[Event]],
+    *,
+    what_it: str = "changes it",
+) -> None:
+    """Every event of `handled` (those of `source`) named exactly once: in `named`
+    (those that do what `what_it` says) or in `unaffected`; no other event named."""
+    if strays := sorted(e.__name__ for e in (named | unaffected) - handled):
+        raise ConfigurationError(f"{what}: {', '.join(strays)} not handled by {source}")
+    if both := sorted(e.__name__ for e in named & unaffected):
+        raise ConfigurationError(f"{what}: {', '.join(both)} named both ways")
+    if missing := sorted(e.__name__ for e in handled - named - unaffected):
+        raise ConfigurationError(
+            f"{what}: say whether {', '.join(missing)} (of {source}) {what_it}:"
+            " name each among the events that do, or among those that do not"
+        )

@@ -25,40 +25,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
-import asyncpg
 
-from app.messages import Envelope
-from app.settings import Settings
+from core.catalog import Catalog
+from core.messages import Envelope
+from core.settings import Settings
 from projections import db
 from projections.db import Connection
 from projections.projection import Projection
 from projections.status import record_failure
-from streams.bus import stamp
 from streams.connection import Redis, Scripts
-from streams.consumer import RETRYABLE, TRANSIENT, Entry, Poison, event_consumers
+from streams.consumer import Poison, event_consumers
 from streams.deadletters import DeadLettered, DeadLetters
+from streams.entries import Entry, read_written
 from streams.keys import Keys, Shard, projection_group
 from streams.lease import Balancer, ShardLease
 from streams.positions import entry_id_of
 
 log = logging.getLogger("eddy.projector")
-
-RETRYABLE_DB: tuple[type[BaseException], ...] = (
-    *RETRYABLE,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-)
-TRANSIENT_DB: tuple[type[BaseException], ...] = (
-    *TRANSIENT,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.TransactionRollbackError,
-)
-"""Failures of a batch that say nothing about its events (Redis or Postgres away,
-shutting down, out of connections, a deadlock): never counted as an attempt."""
 
 
 Applied = Callable[[Connection, Projection, Shard, list[Envelope]], Awaitable[None]]
@@ -81,11 +64,13 @@ class ShardProjector:
         pool: db.Pool,
         projection: Projection,
         shard: Shard,
+        catalog: Catalog,
         hooks: Hooks | None = None,
     ) -> None:
         self.pool = pool
         self.projection = projection
         self.shard = shard
+        self.catalog = catalog
         self.hooks = hooks or Hooks()
 
     async def handle(self, entries: list[Entry]) -> list[bytes]:
@@ -96,12 +81,12 @@ class ShardProjector:
             async with self.pool.acquire() as conn, conn.transaction():
                 committed = await db.checkpoint(conn, self.projection.name, self.shard)
                 fresh = [
-                    stamp(self.shard, entry_id.decode(), fields[b"e"])
+                    read_written(self.shard, entry_id.decode(), fields[b"e"])
                     for entry_id, fields in entries
                     if entry_id_of(entry_id) > committed
                 ]
                 if fresh:
-                    await self.projection.apply(conn, fresh)
+                    await self.projection.project(conn, fresh, self.catalog)
                     await db.advance(conn, self.projection.name, self.shard, entry_id_of(ids[-1]))
                     for applied in self.hooks.in_transaction:
                         await applied(conn, self.projection, self.shard, fresh)
@@ -128,7 +113,7 @@ class ShardProjector:
         never beside a batch of the shard). The checkpoint does not move."""
         async with self.pool.acquire() as conn, conn.transaction():
             await db.checkpoint(conn, self.projection.name, self.shard)
-            await self.projection.apply(conn, [envelope])
+            await self.projection.project(conn, [envelope], self.catalog)
             for applied in self.hooks.in_transaction:
                 await applied(conn, self.projection, self.shard, [envelope])
         for tell in self.hooks.on_commit:
@@ -141,6 +126,7 @@ async def run_projector(
     keys: Keys,
     settings: Settings,
     pool: db.Pool,
+    catalog: Catalog,
     projections: Sequence[Projection],
     hooks: Hooks | None = None,
     prepare: Callable[[Projection], Awaitable[None]] | None = None,
@@ -149,20 +135,15 @@ async def run_projector(
     `hooks` with every batch (cache invalidation, view refreshes). `prepare(p)` is
     awaited before projecting `p` (a rebuild, when its declared version changed)."""
     member = f"projector-{uuid.uuid4().hex[:12]}"
-    dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s)
+    dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s, catalog)
 
     def balancer(projection: Projection) -> Balancer:
         group = projection_group(projection.name)
 
         def poison(shard: Shard, lease: ShardLease) -> Poison:
-            projector = ShardProjector(pool, projection, shard, hooks)
+            projector = ShardProjector(pool, projection, shard, catalog, hooks)
             return dead_letters.poison(
-                lease,
-                shard,
-                group,
-                settings.max_attempts,
-                transient=TRANSIENT_DB,
-                then=projector.skip,
+                lease, shard, group, settings.max_attempts, then=projector.skip
             )
 
         return event_consumers(
@@ -173,8 +154,7 @@ async def run_projector(
             group=group,
             contexts=projection.contexts,
             member=member,
-            handler=lambda shard: ShardProjector(pool, projection, shard, hooks).handle,
-            retry_on=RETRYABLE_DB,
+            handler=lambda shard: ShardProjector(pool, projection, shard, catalog, hooks).handle,
             poison=poison,
         )
 

@@ -19,8 +19,11 @@ the catch-up and the renames, and the new tables start exactly at the live
 checkpoints. `ALTER TABLE … SET SCHEMA` keeps indexes and is instant; a query that
 runs during the swap waits for it (milliseconds), then reads the new tables.
 
+Events are read as written, from the archive as from the streams, and brought to
+their current shape by the projection that decodes them (`Projection.project`).
+
 One rebuild of a projection at a time, across processes (a session advisory
-lock). A projection whose declared `version` differs from the installed one is
+lock, `rebuild_lock`). A projection whose declared `version` differs from the installed one is
 rebuilt by `ensure_current` before the projector projects it: the new code may not
 fit the old tables, so until the swap its queries answer from the old tables and
 it lags.
@@ -37,11 +40,15 @@ from typing import Any
 
 import anyio
 
-from app.messages import Envelope
+from core.catalog import Catalog
+from core.messages import Envelope
 from projections import db
+from projections.archive import replay as replay_archive
+from projections.cache import Generations
 from projections.projection import Projection
-from streams.bus import stamp
+from projections.views import View, recreate
 from streams.connection import Redis
+from streams.entries import read_written
 from streams.keys import Keys, Shard
 from streams.positions import EntryId, format_entry_id, parse_event_position
 
@@ -86,6 +93,29 @@ def schema_name(base: str, kind: str, projection: str) -> str:
     return f"{base}__{kind}_{projection}"[:63]
 
 
+def rebuild_lock(projection: str) -> int:
+    """The advisory lock a rebuild of `projection` holds (session-level, key `bigint`)."""
+    return REBUILD_LOCK | (zlib.crc32(projection.encode()) & 0xFFFF)
+
+
+async def rebuilding(pool: db.Pool, schema: str, projections: Sequence[str]) -> bool:
+    """Whether one of `projections` of `schema` is being rebuilt right now: its
+    scratch schema exists and its lock is held (the trimmer's question)."""
+    scratch = [schema_name(schema, "rebuild", name) for name in projections]
+    locks = [rebuild_lock(name) for name in projections]
+    found: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM unnest($1::text[], $2::bigint[]) AS r(scratch, key)"
+        " WHERE EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = r.scratch)"
+        " AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = (r.key >> 32)::oid AND objid = (r.key & 4294967295)::oid"
+        " AND objsubid = 1))",
+        scratch,
+        locks,
+    )
+    return found
+
+
 class Rebuild:
     def __init__(
         self,
@@ -95,6 +125,7 @@ class Rebuild:
         schema: str,
         projection: Projection,
         *,
+        catalog: Catalog,
         replay: Callable[[db.Connection, Sequence[str]], AsyncIterator[list[Envelope]]],
         after_swap: Sequence[AfterSwap] = (),
         progress: Progress | None = None,
@@ -106,6 +137,7 @@ class Rebuild:
         self.keys = keys
         self.base = schema
         self.projection = projection
+        self.catalog = catalog
         self.replay = replay
         self.after_swap = after_swap
         self.progress = progress or (lambda phase, done, total: None)
@@ -141,7 +173,7 @@ class Rebuild:
 
     @asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        key = REBUILD_LOCK | (zlib.crc32(self.projection.name.encode()) & 0xFFFF)
+        key = rebuild_lock(self.projection.name)
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
                 raise RebuildBusy(f"{self.projection.name} is being rebuilt by another process")
@@ -168,7 +200,7 @@ class Rebuild:
     async def _apply(self, conn: db.Connection, envelopes: list[Envelope]) -> None:
         """Apply `envelopes` to the new tables, in the caller's transaction."""
         await conn.execute(f"SET LOCAL search_path TO {ident(self.scratch)}, {ident(self.base)}")
-        await self.projection.apply(conn, envelopes)
+        await self.projection.project(conn, envelopes, self.catalog)
         for envelope in envelopes:
             shard, entry = _position(self.keys, envelope)
             self.done[shard] = max(self.done.get(shard, (0, 0)), entry)
@@ -214,7 +246,7 @@ class Rebuild:
                 self.keys.event_stream(shard), start, end, count=self.page
             )
             for entry_id, fields in reply:
-                envelopes.append(stamp(shard, entry_id.decode(), fields[b"e"]))
+                envelopes.append(read_written(shard, entry_id.decode(), fields[b"e"]))
             if len(reply) < self.page:
                 return envelopes
             start = "(" + reply[-1][0].decode()
@@ -312,16 +344,19 @@ def rebuilder(
     keys: Keys,
     schema: str,
     *,
+    catalog: Catalog,
+    projections: Sequence[Projection],
+    views: Sequence[View],
     progress: Progress | None = None,
     verify: bool = False,
 ) -> Callable[[Projection], Rebuild]:
-    """Make the `Rebuild` of a projection, with the history source and the steps
-    every swap takes (views that read the tables, cached answers)."""
-    from projections import PROJECTIONS, views
-    from projections.archive import replay
-    from projections.cache import Generations
+    """Make the `Rebuild` of a projection of `projections`, from the event archive,
+    with the steps every swap takes: the views of `views` that read its tables are
+    created again, and the cached answers of the queries that read them dropped."""
+    generations = Generations(projections)
 
-    after_swap: list[AfterSwap] = [views.recreate, Generations(PROJECTIONS).forget]
+    async def recreate_views(conn: db.Connection, projection: Projection) -> None:
+        await recreate(conn, projection, views)
 
     def make(projection: Projection) -> Rebuild:
         return Rebuild(
@@ -330,8 +365,9 @@ def rebuilder(
             keys,
             schema,
             projection,
-            replay=replay,
-            after_swap=after_swap,
+            catalog=catalog,
+            replay=replay_archive,
+            after_swap=[recreate_views, generations.forget],
             progress=progress,
             verify=verify,
         )

@@ -37,10 +37,11 @@ import anyio
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from app.errors import ConfigurationError
-from app.settings import Settings
+from core.errors import ConfigurationError
+from core.outages import FAILED
+from core.settings import Settings
 from projections import db
 from projections.projection import Projection
 from streams.connection import Redis, connect
@@ -54,14 +55,6 @@ MAX_COUNTED = 10_000
 ERROR_CHARS = 2000
 """A recorded error is cut to this many characters."""
 RECORD_TIMEOUT_S = 5.0
-
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisError,
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True)
@@ -250,7 +243,7 @@ async def record_failure(
                 text,
             )
             return
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except FAILED as exc:
             log.warning(
                 "projection-error-not-recorded projection=%s shard=%s error=%r",
                 projection,
@@ -263,7 +256,7 @@ async def record_failure(
 
 async def report(settings: Settings, projections: Sequence[Projection]) -> list[ShardStatus]:
     """`eddy status`: read the status once, with connections of its own."""
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     redis = connect(settings.redis_url)
     try:
         recorded = await redis.hget(keys.meta(), "shards")
@@ -354,7 +347,7 @@ class StatusCollector(Collector):
             try:
                 with anyio.fail_after(self.timeout_s):
                     self._statuses = await read(redis, postgres, keys, projections)
-            except UNAVAILABLE as exc:
+            except FAILED as exc:
                 log.warning("projection-status-unavailable error=%r", exc)
                 self._statuses = []
             self._read_at = time.monotonic()

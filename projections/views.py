@@ -1,5 +1,5 @@
 """Materialized views over the projections' tables: declared beside the projection
-that owns them (`VIEWS` in `projections/__init__.py` lists them), created by
+that owns them (and listed in the system's registry, `app/registry.py`), created by
 `eddy migrate`, refreshed by the projector processes when events they depend on
 are committed, and queried like a projection's tables.
 
@@ -51,10 +51,10 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from app.messages import Envelope, Event
+from core.messages import Envelope, Event
+from core.outages import FAILED, Backoff
 from projections.db import Connection, Pool
-from projections.projection import Projection, Query
-from streams.consumer import RETRYABLE, Backoff
+from projections.projection import Projection, Query, account_for
 from streams.keys import Shard
 from streams.positions import EntryId, parse_entry_id
 
@@ -64,12 +64,6 @@ VIEW_LOCK = 0x5649_4557  # "VIEW": with a hash of `schema.view`, one refresher o
 SWEEP_S = 15.0
 REFRESH_LOCK_TIMEOUT = "500ms"
 BUSY_RETRY_S = 0.05  # at least this long before trying a lock another process held
-RETRYABLE_DB: tuple[type[BaseException], ...] = (
-    *RETRYABLE,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-)
 
 
 @dataclass(frozen=True)
@@ -81,13 +75,17 @@ class View:
     """Its rows: a `SELECT …` over the tables of `reads` (unqualified names)."""
     unique: tuple[str, ...]
     """Columns unique together: the index `REFRESH … CONCURRENTLY` needs."""
-    stale_on: frozenset[str]
-    """The event types that make it stale once projected."""
+    stale_on: tuple[type[Event], ...]
+    """The events that make it stale once projected."""
     reads: tuple[Projection, ...]
     """The projections whose tables `select` reads; the first one serves its queries."""
     queries: tuple[Query, ...] = ()
     indexes: tuple[tuple[str, ...], ...] = ()
     """More (not unique) indexes, for its queries."""
+    unaffected_by: tuple[type[Event], ...] = ()
+    """The other events those projections handle: each of them is named in one of
+    the two, so a new one cannot be forgotten (a `ConfigurationError` here)."""
+    stale_types: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or not self.reads:
@@ -95,6 +93,14 @@ class View:
         for query in self.queries:
             if query.view != self.name:
                 raise ValueError(f"query {query.name} of view {self.name} says view={query.view}")
+        account_for(
+            f"view {self.name}",
+            f"{', '.join(p.name for p in self.reads)}",
+            {e for p in self.reads for e in p.handles},
+            frozenset(self.stale_on),
+            set(self.unaffected_by),
+        )
+        object.__setattr__(self, "stale_types", frozenset(e.__name__ for e in self.stale_on))
 
     def ddl(self) -> str:
         """The statements that create it, filled with its rows, and its indexes."""
@@ -114,10 +120,6 @@ class View:
     def feeding(self, shard: Shard) -> list[str]:
         """The projections it reads that project `shard`'s events."""
         return [p.name for p in self.reads if shard.context in p.contexts]
-
-
-def event_types(*types: type[Event]) -> frozenset[str]:
-    return frozenset(t.__name__ for t in types)
 
 
 def serving(projections: Sequence[Projection], views: Sequence[View]) -> tuple[Projection, ...]:
@@ -163,15 +165,9 @@ async def install(conn: Connection, views: Sequence[View]) -> list[str]:
     return done
 
 
-async def recreate(
-    conn: Connection, projection: Projection, views: Sequence[View] | None = None
-) -> None:
+async def recreate(conn: Connection, projection: Projection, views: Sequence[View]) -> None:
     """A rebuild's `after_swap` step: create again (from the new tables) every view
-    that reads `projection`, before its old tables are dropped."""
-    if views is None:
-        from projections import VIEWS
-
-        views = VIEWS
+    of `views` that reads `projection`, before its old tables are dropped."""
     for view in views:
         if projection.name in {p.name for p in view.reads}:
             await conn.execute(
@@ -314,7 +310,7 @@ class Refresher:
             if projection.name not in {p.name for p in view.reads}:
                 continue
             for env in reversed(envelopes):
-                if env.type in view.stale_on:
+                if env.type in view.stale_types:
                     staled.append((view, parse_entry_id(env.position.rpartition(".")[2])))
                     break
         return staled
@@ -344,7 +340,7 @@ class Refresher:
                 try:
                     done = await self.refresh(view)
                     put_off = put_off or not done
-                except RETRYABLE_DB as exc:
+                except FAILED as exc:
                     log.warning("view-refresh-failed view=%s error=%r", view.name, exc)
                     done, failed = False, True
                 if not done:
@@ -386,7 +382,7 @@ class Refresher:
         """Mark every view with a change past its recorded positions."""
         try:
             rows = await self.pool.fetch(STALE, [v.name for v in self.views])
-        except RETRYABLE_DB as exc:
+        except FAILED as exc:
             log.warning("view-sweep-failed error=%r", exc)
             return
         for row in rows:

@@ -16,13 +16,14 @@ from typing import Any
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError
 
-from app.errors import ConfigurationError, EddyError, IdempotencyConflict, Unavailable
-from app.messages import CommandRecord, Envelope, envelope_decoder
+from core.catalog import Catalog
+from core.errors import ConfigurationError, EddyError, IdempotencyConflict, Unavailable
+from core.messages import CommandRecord, Envelope
+from core.outages import FAILED, poll
 from streams.batching import Coalescer
 from streams.connection import Redis, Scripts
-from streams.consumer import poll
+from streams.entries import read_event
 from streams.keys import Keys, Shard
 from streams.positions import event_position
 
@@ -51,14 +52,21 @@ class CommandStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     entry: str | None = None
     """The stream id of the command's last event (internal)."""
 
+    def public(self) -> dict[str, Any]:
+        """What a client is told (`GET /v1/commands/{id}`, a WebSocket `result` frame)."""
+        shown: dict[str, Any] = {
+            "command_id": self.command_id,
+            "type": self.type,
+            "status": self.status,
+            "aggregate_id": self.aggregate_id,
+        }
+        for name in ("error", "events", "position"):
+            if (value := getattr(self, name)) is not None:
+                shown[name] = value
+        return shown
+
 
 _encoder = msgspec.json.Encoder()
-
-
-def stamp(shard: Shard, entry_id: str, raw: bytes) -> Envelope:
-    """An envelope read from a shard's event stream, with its position filled in."""
-    envelope = envelope_decoder.decode(raw)
-    return msgspec.structs.replace(envelope, position=event_position(shard, entry_id))
 
 
 class _Pending:
@@ -90,12 +98,19 @@ class CommandBus:
     """
 
     def __init__(
-        self, redis: Redis, scripts: Scripts, keys: Keys, status_ttl_s: int, batch_limit: int = 256
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: Keys,
+        status_ttl_s: int,
+        catalog: Catalog,
+        batch_limit: int = 256,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
         self.status_ttl_s = status_ttl_s
+        self.catalog = catalog
         self.batch_limit = batch_limit
         self._layout_checked = False
         """Whether the shard count was checked against the data's (before the first write)."""
@@ -119,7 +134,7 @@ class CommandBus:
             with anyio.CancelScope(shield=True):  # waiters depend on this batch's outcome
                 await self.check_layout()
                 await self._submit(batch)
-        except (RedisError, OSError) as exc:
+        except FAILED as exc:
             for pending in batch:
                 pending.outcome = Unavailable(f"Redis unavailable: {exc}; retry with the same key")
         except ConfigurationError as exc:
@@ -218,7 +233,7 @@ class CommandBus:
                     shard = Shard(context, int(number))
                     pipe.hgetall(self.keys.command_status(shard, tenant_id, command_id))
                 hashes: list[dict[bytes, bytes]] = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except FAILED as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from exc
         found: dict[str, CommandStatus] = {}
         for (command_id, (context, number, command_type)), fields in zip(
@@ -263,11 +278,12 @@ class CommandBus:
                 min="-",
                 count=len(status.events),
             )
-        except (RedisError, OSError) as exc:
+        except FAILED as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from exc
         shard = status.shard
         return [
-            stamp(shard, entry_id.decode(), fields[b"e"]) for entry_id, fields in reversed(entries)
+            read_event(shard, entry_id.decode(), fields[b"e"], self.catalog)
+            for entry_id, fields in reversed(entries)
         ]
 
 

@@ -16,63 +16,35 @@ cancellation cut off — so a stopping process leaves nothing pending under its 
 and no half-done batch to the next owner.
 
 Poison entries (guarantee 6): given a `Poison`, a batch that fails with an error
-that is not `transient` (a Lua error, an undecodable entry, a broken constraint) is
-handled again one entry at a time, in order, so the entries before the culprit go
-through; the culprit's own failures are counted (in memory: a new owner of the
-shard counts afresh) and, at `max_attempts`, `bury` moves it to the shard's dead
-letters (`streams/deadletters.py`) and the entries after it flow on. Transient
-errors (a server away or failing over) never count: they only back off.
+that does not say a server is `DOWN` (a Lua error, an undecodable entry, a broken
+constraint) is handled again one entry at a time, in order, so the entries before
+the culprit go through; the culprit's own failures are counted (in memory: a new
+owner of the shard counts afresh) and, at `max_attempts`, `bury` moves it to the
+shard's dead letters (`streams/deadletters.py`) and the entries after it flow on.
+A server being down (`core/outages.py`) never counts: the loop only backs off.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar
 
 import anyio
-from redis.exceptions import (
-    AskError,
-    ClusterError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
-from app.settings import Settings
+from core.outages import DOWN, FAILED, Backoff
+from core.settings import Settings
 from streams.connection import BLOCK_MS, Redis, Scripts
+from streams.entries import Entry
 from streams.keys import Keys, Shard
 from streams.lease import STOP_GRACE_S, Balancer, LeaseLost, ShardLease
 
 log = logging.getLogger("eddy.consumer")
-T = TypeVar("T")
 
-Entry = tuple[bytes, dict[bytes, bytes]]
 Handle = Callable[[list[Entry]], Awaitable[list[bytes]]]
-
-RETRYABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
-
-TRANSIENT: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    ClusterError,
-    TryAgainError,
-    AskError,
-    ReadOnlyError,
-    OutOfMemoryError,
-    NoScriptError,
-)
-"""Errors that say nothing about the entries being handled (Redis away, failing
-over, out of memory): retried with backoff, never counted as an entry's attempt."""
 
 Bury = Callable[[Entry, BaseException, int], Awaitable[None]]
 """Moves one entry out of its stream (a dead letter, acknowledged), given the error
@@ -86,52 +58,13 @@ class Poison:
 
     bury: Bury
     max_attempts: int
-    transient: tuple[type[BaseException], ...] = TRANSIENT
 
-    @property
-    def passing(self) -> tuple[type[BaseException], ...]:
-        """What no attempt is counted for: transient errors, and a lost lease."""
-        return (*self.transient, LeaseLost)
+    passing: ClassVar[tuple[type[BaseException], ...]] = (*DOWN, LeaseLost)
+    """What no attempt is counted for: a server down, and a lost lease."""
 
 
 class Failing(Exception):
     """An entry failed fewer than `max_attempts` times so far: back off, read it again."""
-
-
-class Backoff:
-    """Exponential backoff with jitter, capped; reset after a success."""
-
-    def __init__(self, first_s: float = 0.05, cap_s: float = 5.0) -> None:
-        self.first_s = first_s
-        self.cap_s = cap_s
-        self.next_s = first_s
-
-    def reset(self) -> None:
-        self.next_s = self.first_s
-
-    async def sleep(self) -> None:
-        await anyio.sleep(self.next_s * random.uniform(0.5, 1.0))
-        self.next_s = min(self.next_s * 2, self.cap_s)
-
-
-async def poll(
-    check: Callable[[], Awaitable[T]],
-    ok: Callable[[T], bool],
-    *,
-    within_s: float,
-    first_s: float,
-    cap_s: float,
-) -> T:
-    """Call `check` until `ok(result)` or `within_s` has passed, pausing a little
-    longer each time (from `first_s` up to `cap_s`); return the last result."""
-    result = await check()
-    delay = first_s
-    with anyio.move_on_after(within_s):
-        while not ok(result):
-            await anyio.sleep(delay)
-            delay = min(delay * 1.5, cap_s)
-            result = await check()
-    return result
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -153,7 +86,6 @@ async def consume(
     lease: ShardLease,
     batch: int,
     claim_idle_ms: int,
-    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
     poison: Poison | None = None,
 ) -> None:
     """Feed `handle` every entry of `stream` for `group`, in order, until cancelled
@@ -169,7 +101,7 @@ async def consume(
         redis, stream, group, consumer, handled, lease, batch, claim_idle_ms, poison
     )
     taken_over = False
-    retrying: tuple[type[BaseException], ...] = (*retry_on, Failing)
+    retrying: tuple[type[BaseException], ...] = (*FAILED, Failing)
     while True:
         try:
             if not lease.held():
@@ -212,7 +144,6 @@ def event_consumers(
     contexts: Sequence[str],
     member: str,
     handler: Callable[[Shard], Handle],
-    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
     poison: Callable[[Shard, ShardLease], Poison] | None = None,
 ) -> Balancer:
     """One consumer of `group` on each event stream of `contexts` this process owns
@@ -229,7 +160,6 @@ def event_consumers(
             lease=lease,
             batch=settings.batch_size,
             claim_idle_ms=settings.claim_idle_ms,
-            retry_on=retry_on,
             poison=None if poison is None else poison(shard, lease),
         )
 

@@ -34,17 +34,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from app.errors import EddyError, NotFound
-from app.messages import Envelope
-from streams.bus import stamp
+from core.catalog import Catalog
+from core.errors import EddyError, NotFound
+from core.messages import Envelope
 from streams.connection import Redis, Scripts
-from streams.consumer import TRANSIENT, Entry, Poison
+from streams.consumer import Poison
+from streams.entries import Entry, read_written
 from streams.keys import COMMAND_GROUP, Keys, Shard
 from streams.lease import LeaseLost, ShardLease
 from streams.positions import entry_id_of
@@ -165,22 +166,17 @@ def _order(letter: DeadLetter) -> tuple[tuple[int, int], str, int]:
 
 
 class DeadLetters:
-    """The dead letters of every shard of `contexts` (`contexts` matters for reading
-    them; burying needs only the shard at hand)."""
+    """The dead letters of every shard of the catalog's contexts."""
 
     def __init__(
-        self,
-        redis: Redis,
-        scripts: Scripts,
-        keys: Keys,
-        status_ttl_s: int,
-        contexts: Sequence[str] = (),
+        self, redis: Redis, scripts: Scripts, keys: Keys, status_ttl_s: int, catalog: Catalog
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
         self.status_ttl_s = status_ttl_s
-        self.contexts = list(contexts)
+        self.catalog = catalog
+        self.contexts = catalog.names
 
     def poison(
         self,
@@ -189,7 +185,6 @@ class DeadLetters:
         group: str,
         max_attempts: int,
         *,
-        transient: tuple[type[BaseException], ...] = TRANSIENT,
         then: Callable[[bytes, str, BaseException], Awaitable[None]] | None = None,
     ) -> Poison:
         """A consumer's `Poison` for one shard: bury into this shard's dead letters,
@@ -201,7 +196,7 @@ class DeadLetters:
             if dead is not None and then is not None:
                 await then(entry[0], dead, error)
 
-        return Poison(bury=bury, max_attempts=max_attempts, transient=transient)
+        return Poison(bury=bury, max_attempts=max_attempts)
 
     async def bury(
         self,
@@ -352,7 +347,7 @@ class DeadLetters:
             if not await self.redis.xrange(self.keys.dead_letters(shard), entry, entry):
                 raise NotFound(f"no dead letter {letter.dead_letter_id!r}")
             try:
-                envelope = stamp(shard, letter.entry_id, letter.raw)
+                envelope = read_written(shard, letter.entry_id, letter.raw)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ReplayRefused("replay_failed", f"the event cannot be read: {exc}") from exc
             await deliver(envelope)

@@ -3,8 +3,9 @@
 One `Fanout` per web process runs one reader task per group of event streams
 (`reader_groups`: every shard of every context in one `XREAD` on a single Redis,
 one group per hash slot on a Redis Cluster, where a command may not span slots).
-Each event is decoded, given its `position` and encoded to JSON once; that one
-result is shared by every local subscriber it matches (by tenant, then by topic).
+Each event is decoded, given its `position`, brought to its current shape
+(`Catalog.current`) and encoded to JSON once; that one result is shared by every
+local subscriber it matches (by tenant, then by topic).
 No client holds a Redis connection of its own: only a resuming client borrows a
 pooled one, briefly, for its catch-up reads.
 
@@ -52,16 +53,17 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from app.errors import Unavailable
-from app.messages import Envelope, envelope_decoder, envelope_encoder
-from app.settings import Settings
+from core.catalog import Catalog
+from core.errors import Unavailable
+from core.messages import Envelope, envelope_decoder, envelope_encoder
+from core.outages import FAILED, Backoff
+from core.settings import Settings
 from streams.connection import BLOCK_MS, Redis
-from streams.consumer import Backoff
+from streams.entries import Entry, positioned
 from streams.keys import Keys, Shard
 from streams.positions import (
     ZERO,
@@ -70,7 +72,6 @@ from streams.positions import (
     decode_cursor,
     encode_cursor,
     entry_id_of,
-    event_position,
     format_entry_id,
 )
 from streams.retention import trimmed_through
@@ -86,9 +87,6 @@ READY_WAIT_S = 5.0
 """How long a new subscription waits for a starting fan-out before `Unavailable`."""
 AHEAD_WAIT_S = 2.0
 """How long a token ahead of this process's readers waits for them."""
-RETRYABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
-
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class Lagging(Exception):
@@ -150,29 +148,30 @@ def beyond_retention(
     return entry_id_of(first[0]) > after
 
 
-def _decode(shard: Shard, entry: Entry) -> Envelope | None:
+def _decode(shard: Shard, entry: Entry, catalog: Catalog) -> Envelope | None:
+    """The entry's envelope in its current shape; None (logged) if it cannot be read."""
     raw_id, fields = entry
     try:
-        return envelope_decoder.decode(fields[b"e"])
-    except (KeyError, msgspec.DecodeError) as exc:
-        log.error("event-undecodable shard=%s entry=%s error=%s", shard.name, raw_id, exc)
+        return catalog.current(envelope_decoder.decode(fields[b"e"]))
+    except Exception as exc:  # undecodable, or an upcaster failing: skipped, not fatal
+        log.error("event-undecodable shard=%s entry=%s error=%r", shard.name, raw_id, exc)
         return None
 
 
 def _deliver(shard: Shard, raw_id: bytes, envelope: Envelope, token: str) -> Delivery:
-    envelope = msgspec.structs.replace(envelope, position=event_position(shard, raw_id.decode()))
+    envelope = positioned(envelope, shard, raw_id.decode())
     return Delivery(token, envelope, envelope_encoder.encode(envelope))
 
 
 class Fanout:
-    """Reads every event stream of `contexts` and broadcasts to local subscribers."""
+    """Reads every event stream of the catalog's contexts and broadcasts to local
+    subscribers."""
 
-    def __init__(
-        self, redis: Redis, keys: Keys, contexts: Sequence[str], settings: Settings
-    ) -> None:
+    def __init__(self, redis: Redis, keys: Keys, catalog: Catalog, settings: Settings) -> None:
         self._redis = redis
         self._keys = keys
-        self._contexts = tuple(contexts)
+        self._catalog = catalog
+        contexts = self._contexts = catalog.names
         self._buffer = settings.subscriber_buffer
         self._streams = {keys.event_stream(s): s for c in contexts for s in keys.shards_of(c)}
         self._shard_of = {key.encode(): shard for key, shard in self._streams.items()}
@@ -211,7 +210,7 @@ class Fanout:
         Raises `BadRequest` (topic) or `BadPosition` (token) at once, before anything
         is streamed. Use it with `async with`, then iterate it for batches of items.
         """
-        parsed = Topics.parse(topics, self._contexts)
+        parsed = Topics.parse(topics, self._catalog)
         cursor = None
         if since is not None:
             cursor = decode_cursor(since, dict.fromkeys(self._contexts), self._keys.shards)
@@ -224,7 +223,7 @@ class Fanout:
                 tails = {shard: await self._tail(key) for key, shard in self._streams.items()}
                 self._vector = Vector(tails)
                 return
-            except RETRYABLE as exc:
+            except FAILED as exc:
                 log.warning("fanout-start-retry error=%r", exc)
                 await backoff.sleep()
 
@@ -246,7 +245,7 @@ class Fanout:
             }
             try:
                 reply: Any = await self._redis.xread(ids, count=READ_COUNT, block=BLOCK_MS)
-            except RETRYABLE as exc:
+            except FAILED as exc:
                 log.warning("fanout-read-retry streams=%d error=%r", len(streams), exc)
                 await backoff.sleep()
                 continue
@@ -261,7 +260,7 @@ class Fanout:
             self._vector.advance(shard, entry_id_of(entry[0]))
             if not self._tenants:
                 continue
-            envelope = _decode(shard, entry)
+            envelope = _decode(shard, entry, self._catalog)
             if envelope is None:
                 continue
             audience = self._tenants.get(envelope.tenant_id)
@@ -398,7 +397,7 @@ class Subscription:
                 continue
             shard, entry_id, raw = entry
             self._cursor[shard] = entry_id
-            envelope = _decode(shard, raw)
+            envelope = _decode(shard, raw, self._fanout._catalog)
             if envelope is None or envelope.tenant_id != self.tenant_id:
                 continue
             if self.topics.match(envelope):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from core.settings import Settings
+
 COMMAND_GROUP = "workers"
 
 
@@ -36,6 +38,11 @@ class Shard:
 class Keys:
     prefix: str
     shards: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Keys:
+        """The keys of a deployment: `EDDY_KEY_PREFIX`, `EDDY_SHARDS` shards per context."""
+        return cls(settings.key_prefix, settings.shards)
 
     def shard_of(self, context: str, tenant_id: str, aggregate_id: str) -> Shard:
         """The stable shard of an aggregate (crc32 of tenant and id)."""
@@ -92,7 +99,7 @@ class Keys:
 
     def session_streams(self, tenant_id: str, session_id: str) -> str:
         """The message streams started in a chat session that are not known stopped
-        (a set kept by the process manager of `app/reactions.py`)."""
+        (a set kept by the process manager of `app/process_managers.py`)."""
         return f"{self.prefix}:session-streams:{_part(tenant_id)}:{session_id}"
 
     def rate_limit(self, kind: str, tenant_id: str) -> str:
@@ -123,5 +130,7 @@ def projection_group(projection: str) -> str:
     return f"projection:{projection}"
 
 
-def reactor_group(reactor: str) -> str:
-    return f"reactor:{reactor}"
+def process_manager_group(name: str) -> str:
+    """The consumer group of a process manager (named `reactor:` since it was first
+    deployed: a new name would be a new group, reading every event again)."""
+    return f"reactor:{name}"

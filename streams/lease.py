@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from redis.exceptions import RedisError
 
+from core.outages import FAILED
 from streams.connection import Redis, Scripts
 from streams.keys import Keys, Shard
 
@@ -130,7 +130,7 @@ class Balancer:
                     await anyio.sleep(interval)
                     try:
                         await self._tick(tg)
-                    except (RedisError, OSError) as exc:
+                    except FAILED as exc:
                         log.warning("balancer-tick-failed role=%s error=%s", self.role, exc)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE_S + 2):
@@ -142,7 +142,7 @@ class Balancer:
             await self._stop(shard)
         try:
             await self.redis.zrem(self.keys.members(self.role), self.member)
-        except (RedisError, OSError) as exc:  # Redis away: the heartbeat just ages out
+        except FAILED as exc:  # Redis away: the heartbeat just ages out
             log.warning("balancer-leave-failed role=%s error=%s", self.role, exc)
 
     async def _tick(self, tg: TaskGroup) -> None:
@@ -210,5 +210,5 @@ class Balancer:
         await running.done.wait()
         try:
             await running.lease.release()
-        except (RedisError, OSError) as exc:
+        except FAILED as exc:
             log.warning("lease-release-failed shard=%s error=%s", shard.name, exc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from app.errors import BadPosition
+from core.errors import BadPosition
 from streams.keys import Shard
 
 EntryId = tuple[int, int]

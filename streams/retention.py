@@ -60,25 +60,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
-import asyncpg
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from app.settings import Settings
+from core.outages import FAILED
+from core.settings import Settings
 from streams.connection import Redis, Scripts
-from streams.keys import COMMAND_GROUP, Keys, Shard, reactor_group
+from streams.keys import COMMAND_GROUP, Keys, Shard, process_manager_group
 from streams.lease import ShardLease
 from streams.positions import ZERO, EntryId, entry_id_of, format_entry_id
-
-if TYPE_CHECKING:
-    from projections.projection import Projection
-    from streams.reactor import Reactor
 
 log = logging.getLogger("eddy.retention")
 
@@ -88,12 +83,6 @@ STEP_ENTRIES = 20_000
 """About how many entries one XTRIM removes: Redis does nothing else meanwhile.
 Measured here (300-byte entries): 200,000 in one XTRIM held Redis 10 ms; in steps
 (17 XTRIMs, the window growing from 1 ms), at most 1.5 ms at a time."""
-RETRYABLE: tuple[type[BaseException], ...] = (
-    RedisError,
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 POLICY = "policy"
 REBUILD = "rebuild"
@@ -146,6 +135,23 @@ def trimmed_through(record: Mapping[bytes, bytes], info: Mapping[str, Any]) -> E
     return entry_id_of(through)
 
 
+class Reader(Protocol):
+    """A projection or a process manager: what reads the event streams of `contexts`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def contexts(self) -> tuple[str, ...]: ...
+
+
+Committed = Callable[[], Awaitable[Mapping[tuple[str, Shard], EntryId]]]
+"""The projections' checkpoints: `(projection, shard)` → the last entry it committed
+there (`projections/db.py`)."""
+Rebuilding = Callable[[], Awaitable[bool]]
+"""Whether a projection is being rebuilt right now (`projections/rebuild.py`)."""
+
+
 @dataclass
 class _Bound:
     upto: EntryId
@@ -173,23 +179,26 @@ class Trimmer:
     def __init__(
         self,
         redis: Redis,
-        pool: asyncpg.Pool,
         keys: Keys,
         settings: Settings,
         *,
         contexts: Sequence[str],
-        projections: Sequence[Projection],
-        reactors: Sequence[Reactor],
+        projections: Sequence[Reader],
+        process_managers: Sequence[Reader],
+        committed: Committed,
+        rebuilding: Rebuilding,
     ) -> None:
         self.redis = redis
-        self.pool = pool
         self.keys = keys
         self.settings = settings
-        self.projections = tuple(projections)
+        self._committed = committed
+        self._rebuilding = rebuilding
         self._streams: list[_Stream] = []
         for context in contexts:
             readers = tuple(p.name for p in projections if context in p.contexts)
-            groups = tuple(reactor_group(r.name) for r in reactors if context in r.contexts)
+            groups = tuple(
+                process_manager_group(m.name) for m in process_managers if context in m.contexts
+            )
             for shard in keys.shards_of(context):
                 self._streams.append(
                     _Stream(keys.command_stream(shard), shard, "commands", (COMMAND_GROUP,), ())
@@ -220,7 +229,7 @@ class Trimmer:
                 try:
                     if await (lease.renew() if lease.held() else lease.acquire()):
                         await self.trim()
-                except RETRYABLE as exc:
+                except FAILED as exc:
                     log.warning("trim-failed error=%r", exc)
                 await anyio.sleep(interval)
         finally:
@@ -228,14 +237,14 @@ class Trimmer:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     try:
                         await lease.release()
-                    except RETRYABLE as exc:
+                    except FAILED as exc:
                         log.warning("trimmer-lease-release-failed error=%r", exc)
 
     async def trim(self, *, dry_run: bool = False, now_ms: int | None = None) -> list[Trim]:
         """One pass over every stream; what was (or, with `dry_run`, would be) trimmed."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         policy = (max(now_ms - self.settings.retention_s * 1000, 0), 0)
-        checkpoints = await self._checkpoints()
+        checkpoints = await self._committed()
         rebuilding = await self._rebuilding()
         infos, groups = await self._survey()
         pending = await self._oldest_pending(groups)
@@ -281,36 +290,6 @@ class Trimmer:
                 )
             )
         return trims
-
-    async def _checkpoints(self) -> dict[tuple[str, Shard], EntryId]:
-        rows = await self.pool.fetch(
-            "SELECT projection, context, shard, entry_ms, entry_seq FROM eddy_checkpoints"
-            " WHERE projection = ANY($1::text[])",
-            [p.name for p in self.projections],
-        )
-        return {
-            (r["projection"], Shard(r["context"], r["shard"])): (r["entry_ms"], r["entry_seq"])
-            for r in rows
-        }
-
-    async def _rebuilding(self) -> bool:
-        """Whether a projection of this schema is being rebuilt right now."""
-        from projections.rebuild import REBUILD_LOCK, schema_name
-
-        base = self.settings.db_schema
-        scratch = [schema_name(base, "rebuild", p.name) for p in self.projections]
-        locks = [REBUILD_LOCK | (zlib.crc32(p.name.encode()) & 0xFFFF) for p in self.projections]
-        found: bool = await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM unnest($1::text[], $2::bigint[]) AS r(scratch, key)"
-            " WHERE EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = r.scratch)"
-            " AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND classid = (r.key >> 32)::oid AND objid = (r.key & 4294967295)::oid"
-            " AND objsubid = 1))",
-            scratch,
-            locks,
-        )
-        return found
 
     async def _survey(
         self,

@@ -3,31 +3,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.errors import BadRequest
-from app.messages import Envelope
+from core.catalog import Catalog
+from core.errors import BadRequest
+from core.messages import MAX_ID_LENGTH, Envelope
 
 MAX_TOPICS = 32
-MAX_ID_LENGTH = 128
-SESSION_CONTEXT = "chat_sessions"
-"""The context whose aggregate id is a session id (`session/<id>` topics)."""
 
 
 @dataclass(frozen=True)
 class Topics:
     """What a subscription wants of its tenant's events: `*` (everything),
     `<context>`, `<context>/<aggregate_id>`, `session/<session_id>` (events whose
-    metadata names the session, and the chat session's own events)."""
+    metadata names the session, and the session's own events: those of the context
+    of sessions, `Catalog.session_context`)."""
 
     everything: bool = False
     contexts: frozenset[str] = frozenset()
     aggregates: frozenset[tuple[str, str]] = frozenset()
     sessions: frozenset[str] = frozenset()
+    session_context: str | None = None
 
     @classmethod
-    def parse(cls, topics: Sequence[str], contexts: Collection[str]) -> Topics:
+    def parse(cls, topics: Sequence[str], catalog: Catalog) -> Topics:
         """Raise `BadRequest` naming the first topic that is not one of the four kinds."""
         if not topics:
             raise BadRequest("at least one topic is required, e.g. ?topic=*")
@@ -37,6 +37,7 @@ class Topics:
         names: set[str] = set()
         aggregates: set[tuple[str, str]] = set()
         sessions: set[str] = set()
+        contexts = catalog.names
         for topic in topics:
             kind, slash, rest = topic.partition("/")
             if topic == "*":
@@ -60,7 +61,13 @@ class Topics:
                     f"({', '.join(sorted(contexts))}), '<context>/<id>' or 'session/<id>'",
                     topic=topic[:200],
                 )
-        return cls(everything, frozenset(names), frozenset(aggregates), frozenset(sessions))
+        return cls(
+            everything,
+            frozenset(names),
+            frozenset(aggregates),
+            frozenset(sessions),
+            catalog.session_context,
+        )
 
     def match(self, envelope: Envelope) -> bool:
         if self.everything or envelope.context in self.contexts:
@@ -69,6 +76,6 @@ class Topics:
             return True
         if not self.sessions:
             return False
-        if envelope.context == SESSION_CONTEXT and envelope.aggregate_id in self.sessions:
+        if envelope.context == self.session_context and envelope.aggregate_id in self.sessions:
             return True
         return envelope.metadata.session_id in self.sessions

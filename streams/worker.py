@@ -36,9 +36,9 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from app.contexts import BY_NAME, COMMANDS
-from app.errors import Rejected
-from app.messages import (
+from core.catalog import Catalog
+from core.errors import Rejected
+from core.messages import (
     CommandRecord,
     Context,
     Envelope,
@@ -49,10 +49,11 @@ from app.messages import (
     record_decoder,
     utcnow,
 )
-from app.settings import Settings
+from core.settings import Settings
 from streams.connection import Redis, Scripts
-from streams.consumer import Entry, Poison, consume
+from streams.consumer import Poison, consume
 from streams.deadletters import DeadLetters
+from streams.entries import Entry
 from streams.keys import COMMAND_GROUP, Keys, Shard
 from streams.lease import Balancer, LeaseLost, ShardLease
 
@@ -97,16 +98,23 @@ class ShardWorker:
     """Applies the commands of one shard while this process holds its lease."""
 
     def __init__(
-        self, redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, shard: Shard
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: Keys,
+        settings: Settings,
+        catalog: Catalog,
+        shard: Shard,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
         self.settings = settings
+        self.catalog = catalog
         self.shard = shard
         self.states: OrderedDict[str, tuple[int, Any]] = OrderedDict()
         self.lease: ShardLease | None = None
-        self.dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s)
+        self.dead_letters = DeadLetters(redis, scripts, keys, settings.command_ttl_s, catalog)
 
     async def run(self, lease: ShardLease, consumer: str) -> None:
         self.lease = lease
@@ -152,7 +160,7 @@ class ShardWorker:
             return
         try:
             record = record_decoder.decode(entry[1][b"c"])
-            command_type = COMMANDS[record.type]
+            command_type = self.catalog.commands[record.type]
             command = command_type.decoder.decode(record.payload)
         except (KeyError, msgspec.DecodeError):
             return
@@ -202,7 +210,7 @@ class ShardWorker:
         """Run the `related` and `unique` hooks of the commands whose context has them."""
         prepared: dict[bytes, _Prepared] = {}
         for entry_id, record in commands:
-            command_type = COMMANDS.get(record.type)
+            command_type = self.catalog.commands.get(record.type)
             if command_type is None:
                 continue
             context = command_type.context
@@ -228,7 +236,7 @@ class ShardWorker:
         raw: Any = await self.redis.hget(
             self.keys.aggregate(shard, tenant_id, aggregate_id), "state"
         )
-        return None if raw is None else _decode_state(BY_NAME[context], raw)
+        return None if raw is None else _decode_state(self.catalog.by_name[context], raw)
 
     async def _reserve(self, key: str, command_id: str) -> bool:
         """Take `key` for the command unless another command holds it."""
@@ -271,7 +279,7 @@ class ShardWorker:
             expected=version,
             reserved=prepared.reserved,
         )
-        command_type = COMMANDS.get(record.type)
+        command_type = self.catalog.commands.get(record.type)
         if command_type is None or command_type.context.name != self.shard.context:
             return _fail(decision, "unknown_command", f"unknown command type {record.type}")
         context = command_type.context
@@ -319,13 +327,13 @@ def _fail(decision: _Decision, code: str, message: str) -> _Decision:
     return decision
 
 
-_state_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+_state_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
 def _decode_state(context: Context, raw: bytes) -> Any:
-    decoder = _state_decoders.get(context.name)
+    decoder = _state_decoders.get(context.state)
     if decoder is None:
-        decoder = _state_decoders[context.name] = msgspec.json.Decoder(context.state)
+        decoder = _state_decoders[context.state] = msgspec.json.Decoder(context.state)
     return decoder.decode(raw)
 
 
@@ -353,15 +361,15 @@ def _envelope(
 
 
 async def run_worker(
-    redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, contexts: Sequence[Context]
+    redis: Redis, scripts: Scripts, keys: Keys, settings: Settings, catalog: Catalog
 ) -> None:
     """Own a fair share of every context's command shards until cancelled."""
     member = f"worker-{uuid.uuid4().hex[:12]}"
 
     async def unit(shard: Shard, lease: ShardLease) -> None:
-        await ShardWorker(redis, scripts, keys, settings, shard).run(lease, member)
+        await ShardWorker(redis, scripts, keys, settings, catalog, shard).run(lease, member)
 
-    shards = [s for ctx in contexts for s in keys.shards_of(ctx.name)]
+    shards = [s for name in catalog.names for s in keys.shards_of(name)]
     await Balancer(
         redis, scripts, keys, ROLE, shards, unit, ttl_ms=settings.lease_ttl_ms, member=member
     ).run()

@@ -6,6 +6,10 @@ session (see `tests/services.py`). Each test gets a random Redis key prefix and 
 fresh Postgres schema, so runs never depend on a clean server or on being alone.
 Tests marked `cluster` run on a throwaway Redis Cluster started once per session
 (`redis_cluster_url`; skipped when no server binary is installed).
+
+`stack` is the whole system in the test's process (`tests/stack.py`): web, worker
+and projector on the test's settings; a module changes what it runs by overriding
+`stack_settings` (limits, debounce) or `stack_processes`.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from app.settings import Settings
+from app.registry import SYSTEM
+from app.runtime import migrate
+from core.settings import Settings
 from projections import db
 from streams.connection import Redis, connect
 from tests import services
+from tests.stack import Stack, serving
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -92,7 +99,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def schema(settings: Settings) -> AsyncIterator[str]:
     """A fresh Postgres schema with every migration applied, dropped afterwards."""
-    await db.migrate(settings.database_url, settings.db_schema)
+    await migrate(settings, SYSTEM)
     try:
         yield settings.db_schema
     finally:
@@ -106,3 +113,26 @@ async def pool(settings: Settings, schema: str) -> AsyncIterator[db.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def stack_settings(settings: Settings) -> Settings:
+    """The settings `stack` runs with; a module overrides it to change them."""
+    return settings
+
+
+@pytest.fixture
+def stack_processes() -> tuple[str, ...]:
+    """What `stack` runs besides the web server; a module overrides it to run less."""
+    return ("worker", "projector")
+
+
+@pytest.fixture
+async def stack(
+    stack_settings: Settings, stack_processes: tuple[str, ...], schema: str
+) -> AsyncIterator[Stack]:
+    """Web, worker and projector of the system in this process, on the test's prefix
+    and schema; its HTTP client and tokens."""
+    worker, projector = "worker" in stack_processes, "projector" in stack_processes
+    async with serving(stack_settings, worker=worker, projector=projector) as running:
+        yield running

@@ -1,6 +1,6 @@
 """Feeding and reading the fan-out inside a test: events appended straight to the
 event streams (as the worker does), a running `Fanout`, fences, a real uvicorn
-server with the SSE route, and an SSE frame reader."""
+server with the SSE route, and reading its events (`tests/sse.py` parses them)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import anyio
-import httpx
 import msgspec
 import uvicorn
 from starlette.applications import Starlette
@@ -22,20 +21,29 @@ from starlette.routing import Route
 
 from app import sse
 from app.auth import issue_token
-from app.errors import EddyError
-from app.messages import Envelope, Metadata, utcnow
-from app.settings import Settings
+from app.registry import SYSTEM
+from core.catalog import Catalog
+from core.errors import EddyError
+from core.messages import Envelope, Metadata, utcnow
+from core.settings import Settings
 from streams.connection import Redis
 from streams.fanout import Delivery, Fanout, Item, Subscription
 from streams.keys import Keys
+from tests.sse import Frame
 
 CONTEXTS = ("chat_sessions", "message_streams", "tools", "traces")
+"""The contexts these tests' fan-outs read (not every one of the system's)."""
 WAIT_S = 10
 """How long a test waits for what it expects before it fails."""
 
 
 def keys_of(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix, settings.shards)
+    return Keys.of(settings)
+
+
+def catalog_of(contexts: Sequence[str]) -> Catalog:
+    """A catalog of the system's contexts named in `contexts`."""
+    return Catalog([c for c in SYSTEM.contexts if c.name in contexts])
 
 
 def event(
@@ -107,7 +115,7 @@ async def fence(
 async def running(
     redis: Redis, settings: Settings, contexts: Sequence[str] = CONTEXTS
 ) -> AsyncIterator[Fanout]:
-    fanout = Fanout(redis, keys_of(settings), contexts, settings)
+    fanout = Fanout(redis, keys_of(settings), catalog_of(contexts), settings)
     async with anyio.create_task_group() as tg:
         await tg.start(fanout.run)
         yield fanout
@@ -164,9 +172,8 @@ def feed_app(settings: Settings, redis: Redis, contexts: Sequence[str] = CONTEXT
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        fanout = Fanout(redis, keys_of(settings), contexts, settings)
-        app.state.settings = settings
-        app.state.fanout = fanout
+        fanout = Fanout(redis, keys_of(settings), catalog_of(contexts), settings)
+        app.state.web = SimpleNamespace(settings=settings, fanout=fanout)
         async with anyio.create_task_group() as tg:
             await tg.start(fanout.run)
             yield
@@ -211,34 +218,6 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
 def bearer(settings: Settings, tenant: str) -> dict[str, str]:
     token = issue_token(settings.jwt_secret, tenant=tenant, sub="tester", roles=["user"], ttl_s=600)
     return {"Authorization": f"Bearer {token}"}
-
-
-@dataclass
-class Frame:
-    id: str | None = None
-    event: str | None = None
-    data: str | None = None
-    comment: str | None = None
-
-    @property
-    def envelope(self) -> Envelope:
-        assert self.data is not None
-        return msgspec.json.decode(self.data, type=Envelope)
-
-
-async def frames(response: httpx.Response) -> AsyncIterator[Frame]:
-    """The frames of an SSE response (a comment is a frame of its own)."""
-    frame = Frame()
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            yield Frame(comment=line[1:].strip())
-        elif line:
-            name, _, value = line.partition(":")
-            if name in ("id", "event", "data"):
-                setattr(frame, name, value.removeprefix(" "))
-        elif frame != Frame():
-            yield frame
-            frame = Frame()
 
 
 async def read_events(

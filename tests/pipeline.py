@@ -11,18 +11,16 @@ import anyio
 import msgspec
 
 from app.auth import Principal
-from app.commands import build_record
-from app.contexts import COMMANDS, CONTEXTS
-from app.reactions import reactors
-from app.settings import Settings
-from projections import PROJECTIONS, VIEWS, db
-from projections.cache import Generations
-from projections.projector import Hooks, run_projector
-from projections.views import Refresher
+from app.registry import SYSTEM
+from app.submission import build_record
+from app.system import System
+from core.settings import Settings
+from projections import db
+from projections.projector import run_projector
 from streams.bus import Accepted, CommandBus, CommandStatus
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys
-from streams.reactor import run_reactors
+from streams.process_managers import run_process_managers
 from streams.worker import run_worker
 
 T = TypeVar("T")
@@ -31,12 +29,15 @@ ADMIN = Principal(sub="tester", tenant="tenant-a", roles=("admin",))
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, redis: Redis) -> None:
+    def __init__(self, settings: Settings, redis: Redis, system: System = SYSTEM) -> None:
         self.settings = settings
         self.redis = redis
-        self.keys = Keys(settings.key_prefix, settings.shards)
+        self.system = system
+        self.keys = Keys.of(settings)
         self.scripts = Scripts(redis)
-        self.bus = CommandBus(redis, self.scripts, self.keys, settings.command_ttl_s)
+        self.bus = CommandBus(
+            redis, self.scripts, self.keys, settings.command_ttl_s, system.catalog
+        )
 
     async def submit(
         self,
@@ -46,7 +47,7 @@ class Pipeline:
         command_id: str | None = None,
         principal: Principal = ADMIN,
     ) -> Accepted:
-        command_type = COMMANDS[type_name]
+        command_type = self.system.catalog.commands[type_name]
         command = command_type.decoder.decode(msgspec.json.encode(payload))
         record = build_record(command_type, command, principal, command_id or _new(), None)
         shard = self.keys.shard_of(command_type.context.name, principal.tenant, record.aggregate_id)
@@ -78,29 +79,35 @@ async def eventually(check: Callable[[], Awaitable[T | None]], within: float = 1
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, worker: bool = True, projector: bool = True, reacting: bool = True
+    settings: Settings,
+    *,
+    worker: bool = True,
+    projector: bool = True,
+    reacting: bool = True,
+    system: System = SYSTEM,
 ) -> AsyncIterator[Pipeline]:
     """Worker (with the process managers unless not `reacting`) and projector tasks
     in this process, stopped on exit."""
     redis = connect(settings.redis_url)
     pool = await db.create_pool(settings.database_url, settings.db_schema)
-    p = Pipeline(settings, redis)
+    p = Pipeline(settings, redis, system)
+    catalog = system.catalog
     try:
         async with anyio.create_task_group() as tg:
             if worker:
-                tg.start_soon(run_worker, redis, p.scripts, p.keys, settings, CONTEXTS)
+                tg.start_soon(run_worker, redis, p.scripts, p.keys, settings, catalog)
             if worker and reacting:
-                managers = reactors(redis, p.keys, p.bus)
-                tg.start_soon(run_reactors, redis, p.scripts, p.keys, settings, managers)
-            if projector:
-                refresher = Refresher(pool, VIEWS, debounce_s=settings.view_debounce_s)
-                hooks = Hooks(
-                    in_transaction=[Generations(PROJECTIONS).advance, refresher.record_changes],
-                    on_commit=[refresher.mark],
-                )
-                tg.start_soon(refresher.run)
+                managers = system.process_managers
                 tg.start_soon(
-                    run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS, hooks
+                    run_process_managers, redis, p.scripts, p.keys, settings, catalog, managers
+                )
+            if projector:
+                hooks, refresher = system.projector_hooks(pool, settings.view_debounce_s)
+                tg.start_soon(refresher.run)
+                projections = system.projections
+                tg.start_soon(
+                    run_projector,
+                    *(redis, p.scripts, p.keys, settings, pool, catalog, projections, hooks),
                 )
             yield p
             tg.cancel_scope.cancel()

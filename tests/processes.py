@@ -33,9 +33,9 @@ import anyio
 import httpx
 from anyio.abc import Process
 
-from app.embedded import free_port
-from app.settings import Settings
-from projections import PROJECTIONS
+from app.registry import SYSTEM
+from core.settings import Settings
+from devserver.embedded import free_port
 from streams.connection import Redis
 from streams.keys import Keys, projection_group
 
@@ -46,7 +46,7 @@ START_TIMEOUT_S = 15
 
 ROLE_MEMBERS = {
     "worker": "worker",
-    "projector": projection_group(PROJECTIONS[0].name),
+    "projector": projection_group(SYSTEM.projections[0].name),
 }
 """The member set each kind of process heartbeats into (a projector: per projection)."""
 
@@ -125,7 +125,7 @@ class Fleet:
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.settings.key_prefix, self.settings.shards)
+        return Keys.of(self.settings)
 
     def live(self, kind: str) -> list[EddyProcess]:
         return [p for p in self.processes if p.kind == kind and p.alive]

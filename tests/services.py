@@ -2,7 +2,7 @@
 
 In order: `EDDY_TEST_REDIS_URL` / `EDDY_TEST_DATABASE_URL`; else the servers on
 127.0.0.1:6379 / 5432 when they answer; else embedded Valkey and Postgres
-(`app.embedded`), started once per test session in a scratch folder that is
+(`devserver.embedded`), started once per test session in a scratch folder that is
 removed afterwards. `EDDY_TEST_EMBEDDED=1` skips the local probes, so a machine
 that runs Redis and Postgres can still try the fresh-machine path.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 from redis.exceptions import RedisError
 
-from app import embedded
+from devserver import embedded
 from streams.connection import Redis, connect
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"

@@ -1,5 +1,6 @@
 """The whole stack in one test process: a real uvicorn server on a free port, a
-worker and a projector — what `eddy dev` runs, on the test's prefix and schema."""
+worker and a projector — what `eddy dev` runs, on the test's prefix and schema
+(the `stack` fixture of `tests/conftest.py`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import anyio
 import httpx
 
 from app.auth import issue_token
-from app.runtime import bind, run_projector, run_worker, serve_web
-from app.settings import Settings
+from app.registry import SYSTEM
+from app.runtime import bind, projector_process, web_process, worker_process
+from app.system import System
+from core.settings import Settings
 
 
 @dataclass
@@ -32,7 +35,11 @@ class Stack:
 
 @asynccontextmanager
 async def serving(
-    settings: Settings, *, worker: bool = True, projector: bool = True
+    settings: Settings,
+    *,
+    worker: bool = True,
+    projector: bool = True,
+    system: System = SYSTEM,
 ) -> AsyncIterator[Stack]:
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -40,11 +47,11 @@ async def serving(
         anyio.create_task_group() as tg,
         httpx.AsyncClient(base_url=url, timeout=10) as client,
     ):
-        tg.start_soon(lambda: serve_web(settings, sock=sock))
+        tg.start_soon(lambda: web_process(settings, system, sock=sock))
         if worker:
-            tg.start_soon(run_worker, settings)
+            tg.start_soon(worker_process, settings, system)
         if projector:
-            tg.start_soon(run_projector, settings)
+            tg.start_soon(projector_process, settings, system)
         with anyio.fail_after(10):
             while True:
                 try:

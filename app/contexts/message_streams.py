@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from app.contexts.chat_sessions import ChatSession
-from app.errors import Rejected
-from app.messages import Command, Context, Event, Issued, State
+from core.errors import Rejected
+from core.messages import Command, Context, Event, Issued, State
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Text = Annotated[str, msgspec.Meta(max_length=2000)]

@@ -30,8 +30,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from app.errors import Rejected
-from app.messages import Command, Context, Event, Issued, State
+from core.errors import Rejected
+from core.messages import Command, Context, Event, Issued, State
 
 Module = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^/]+$")]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

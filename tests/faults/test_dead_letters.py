@@ -9,7 +9,6 @@ The guarantee's own test is `tests/guarantees/test_g06_dead_letters.py`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -19,17 +18,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from app import cli
-from app.contexts import CONTEXTS
-from app.reactions import reactors
-from app.settings import Settings
-from projections import PROJECTIONS, db
+from app.registry import SYSTEM
+from core.settings import Settings
+from projections import db
 from streams.connection import Redis, Scripts
 from streams.deadletters import DeadLetters, ReplayRefused
-from streams.keys import COMMAND_GROUP, Keys, Shard, projection_group, reactor_group
+from streams.keys import COMMAND_GROUP, Keys, Shard, projection_group
 from streams.lease import LeaseLost, ShardLease
 from streams.worker import run_worker
 from tests.pipeline import ADMIN, Pipeline, eventually, running
-from tests.stack import Stack, serving
+from tests.stack import Stack
 
 MAX_ATTEMPTS = 3
 SHARD = Shard("chat_sessions", 0)
@@ -41,9 +39,8 @@ def poisoning(settings: Settings) -> Settings:
 
 
 def dead_letters(redis: Redis, settings: Settings) -> DeadLetters:
-    keys = Keys(settings.key_prefix, settings.shards)
-    contexts = [c.name for c in CONTEXTS]
-    return DeadLetters(redis, Scripts(redis), keys, settings.command_ttl_s, contexts)
+    keys = Keys.of(settings)
+    return DeadLetters(redis, Scripts(redis), keys, settings.command_ttl_s, SYSTEM.catalog)
 
 
 def on_shard(
@@ -71,9 +68,11 @@ async def repair(redis: Redis, keys: Keys, tenant: str, session_id: str) -> None
 
 def readers(p: Pipeline, shard: Shard) -> set[str]:
     """The consumer groups of every projection and process manager reading `shard`."""
-    projections = {projection_group(x.name) for x in PROJECTIONS if shard.context in x.contexts}
-    managers = reactors(p.redis, p.keys, p.bus)
-    return projections | {reactor_group(r.name) for r in managers if shard.context in r.contexts}
+    projections = {
+        projection_group(x.name) for x in SYSTEM.projections if shard.context in x.contexts
+    }
+    managers = {m.group for m in SYSTEM.process_managers if shard.context in m.contexts}
+    return projections | managers
 
 
 async def test_the_dead_letter_steps_directly(settings, redis) -> None:
@@ -171,7 +170,7 @@ async def test_a_failing_apply_step_is_dead_lettered_and_outages_never_count(
         await p.submit("CreateChatSession", payload, command_id=f"c{n}")
     scripts = FlakyScripts(redis, outages=MAX_ATTEMPTS + 2, poisoned="c1")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run_worker, redis, scripts, p.keys, poisoning, CONTEXTS)
+        tg.start_soon(run_worker, redis, scripts, p.keys, poisoning, SYSTEM.catalog)
         outcomes = [await p.outcome(f"c{n}") for n in range(len(sessions))]
         tg.cancel_scope.cancel()
     assert scripts.outages == 0  # the outage happened, and dead-lettered nothing
@@ -212,7 +211,7 @@ async def test_an_undecodable_event_is_dead_lettered_by_each_of_its_readers(
         after = await p.outcome("after")
         assert after.entry is not None
         ms, _, seq = after.entry.partition("-")
-        projections = [x for x in PROJECTIONS if SHARD.context in x.contexts]
+        projections = [x for x in SYSTEM.projections if SHARD.context in x.contexts]
 
         async def projected() -> bool:  # every projection went past the poison
             for projection in projections:
@@ -237,9 +236,8 @@ async def test_an_undecodable_event_is_dead_lettered_by_each_of_its_readers(
 
 
 @pytest.fixture
-async def stack(poisoning: Settings, schema: str) -> AsyncIterator[Stack]:
-    async with serving(poisoning) as s:
-        yield s
+def stack_settings(poisoning: Settings) -> Settings:
+    return poisoning
 
 
 async def dead_command(

@@ -24,7 +24,7 @@ import anyio
 import msgspec
 import pytest
 
-from app.settings import Settings
+from core.settings import Settings
 from streams.bus import FINAL
 from tests.faults.conftest import Client, RedisProcess
 from tests.faults.test_outages import patient_client

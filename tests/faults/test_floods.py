@@ -3,10 +3,12 @@ by HTTP and WebSocket; per-connection limits in memory; refusals that accept
 nothing; a quiet tenant's latency while another floods; the limiter's Lua step.
 
 The isolation bound (`ISOLATION_BOUND`, 3x on p50 and p99): the flooding tenant
-offers 1,000 commands/s, 10x its limit, over 8 keep-alive connections. The web
-process refuses each in about 0.1 ms of CPU (measured: 61-106 µs, against 285 µs
-to accept one, before the worker's and projector's share), so the flood costs it
-about a tenth of a core, plus the 100 commands/s it may still have accepted. On
+offers 500 commands/s, 10x its limit, over 8 keep-alive connections (at least 4x
+must reach the server: a flooder at `nice 19` on a slow 2-core machine managed
+300-380/s of the 1,000/s this test first offered). The web process refuses each
+in about 0.1 ms of CPU (measured: 61-106 µs, against 285 µs to accept one, before
+the worker's and projector's share), so the flood costs it about a twentieth of a
+core, plus the 50 commands/s it may still have accepted. On
 this 2-core machine, shared with Redis, Postgres, the flooder and the client,
 that extra CPU is what the quiet tenant feels: 1.2-1.8x measured while other test
 runs loaded the machine (2.0-2.5x with no limit, the flood all accepted). 3x
@@ -41,10 +43,10 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CollectorRegistry, Counter
 
-from app.embedded import free_port
-from app.errors import RateLimited
 from app.limits import Rate, TenantLimiter
-from app.settings import Settings
+from core.errors import RateLimited
+from core.settings import Settings
+from devserver.embedded import free_port
 from streams.connection import Redis, Scripts, connect
 from streams.keys import Keys
 from tests.conftest import fresh_settings
@@ -73,7 +75,7 @@ async def post(stack: Stack, tenant: str, command_id: str, body: Any = CREATE) -
 
 
 async def command_streams_length(redis: Redis, settings: Settings) -> int:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     return sum([await redis.xlen(keys.command_stream(s)) for s in keys.shards_of("chat_sessions")])
 
 
@@ -97,7 +99,7 @@ async def take(scripts: Scripts, key: str, per_s: float, burst: int, wanted: int
 
 
 async def test_the_script_grants_a_burst_then_one_token_per_interval(settings, redis) -> None:
-    keys, scripts = Keys(settings.key_prefix, settings.shards), Scripts(redis)
+    keys, scripts = Keys.of(settings), Scripts(redis)
     key, other = keys.rate_limit("commands", "t1"), keys.rate_limit("commands", "t2")
     assert await take(scripts, key, 10, 5, 3) == [3, 0]
     granted, retry_us = await take(scripts, key, 10, 5, 3)  # 2 left of the burst
@@ -118,7 +120,7 @@ async def test_the_script_grants_a_burst_then_one_token_per_interval(settings, r
 
 
 async def test_an_idle_limit_leaves_no_key(settings, redis) -> None:
-    keys, scripts = Keys(settings.key_prefix, settings.shards), Scripts(redis)
+    keys, scripts = Keys.of(settings), Scripts(redis)
     key = keys.rate_limit("queries", "idle")
     assert await take(scripts, key, 1000, 20, 20) == [20, 0]  # full again in 20 ms
 
@@ -132,7 +134,7 @@ async def test_an_idle_limit_leaves_no_key(settings, redis) -> None:
 @pytest.mark.cluster
 async def test_the_script_on_a_cluster(redis_cluster_url, database_url) -> None:
     settings = fresh_settings(redis_cluster_url, database_url)
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     client = connect(settings.redis_url)
     try:
         scripts = Scripts(client)
@@ -150,7 +152,7 @@ async def test_the_script_on_a_cluster(redis_cluster_url, database_url) -> None:
 async def test_a_refused_tenant_is_refused_from_memory_until_its_token_is_due(
     settings, redis
 ) -> None:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     rates = {"commands": Rate(1.0, 2), "queries": Rate(0, 1)}
     refused = Counter("refused", "", ["limit", "kind"], registry=CollectorRegistry())
     limiter = TenantLimiter(redis, Scripts(redis), keys, rates, refused)
@@ -171,10 +173,13 @@ async def test_a_refused_tenant_is_refused_from_memory_until_its_token_is_due(
 
 
 @pytest.fixture
-async def stack(settings: Settings, schema: str) -> AsyncIterator[Stack]:
-    changed = limited(settings, tenant_commands_per_s=PER_S, tenant_commands_burst=BURST)
-    async with serving(changed, worker=False, projector=False) as s:
-        yield s
+def stack_settings(settings: Settings) -> Settings:
+    return limited(settings, tenant_commands_per_s=PER_S, tenant_commands_burst=BURST)
+
+
+@pytest.fixture
+def stack_processes() -> tuple[str, ...]:
+    return ()
 
 
 async def test_a_tenant_over_its_limit_gets_429_and_nothing_is_accepted(
@@ -295,9 +300,9 @@ async def test_a_websocket_command_over_the_tenant_limit_gets_an_error_frame(
 # -- a quiet tenant's latency while another floods ----------------------------------------
 
 FLOOD_CONNECTIONS = 8
-FLOOD_PER_S = 1000.0
-FLOODER_LIMIT_PER_S = 100.0
-FLOODER_BURST = 100
+FLOOD_PER_S = 500.0
+FLOODER_LIMIT_PER_S = 50.0
+FLOODER_BURST = 50
 ISOLATION_BOUND = 3.0
 NICE = ["nice", "-n", "19"] if shutil.which("nice") else []
 """The flooder stands for clients on other machines: on this one it yields the CPU

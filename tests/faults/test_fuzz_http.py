@@ -58,8 +58,8 @@ from schemathesis.checks import CHECKS
 from schemathesis.generation import GenerationMode
 
 from app.openapi import openapi
-from app.settings import Settings
-from projections import PROJECTIONS
+from app.registry import SYSTEM
+from core.settings import Settings
 from tests.conftest import fresh_settings
 from tests.faults.test_bad_input import serving_in_a_thread, still_serving
 from tests.stack import Stack
@@ -79,7 +79,7 @@ EXAMPLES = 10
 """Fuzzed cases per operation and generation mode, on top of the coverage phase's."""
 TIMEOUT_S = 10
 
-SCHEMA = schemathesis.openapi.from_dict(openapi(PROJECTIONS)).exclude(operation_id="StreamEvents")
+SCHEMA = schemathesis.openapi.from_dict(openapi(SYSTEM)).exclude(operation_id="StreamEvents")
 SCHEMA.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
     max_examples=EXAMPLES,
@@ -175,7 +175,7 @@ def test_every_operation_answers_bad_input_with_a_precise_4xx(case: Any, served:
 # -- what schemathesis does not reach: undocumented filters, any character in a path
 # segment, digits that are not ASCII, cursors and times at the edges, bytes that are not UTF-8
 
-ROUTES = [q.path for p in PROJECTIONS for q in p.queries] + ["/v1/commands/{command_id}"]
+ROUTES = [q.path for p in SYSTEM.projections for q in p.queries] + ["/v1/commands/{command_id}"]
 ANY_TEXT = st.text(max_size=40)
 DIGITISH = st.text(
     st.characters(categories=["Nd", "No", "Zs"]) | st.sampled_from("0159-+.e"), max_size=6
@@ -330,7 +330,7 @@ def test_sse_fuzz(served: Served, topics: list[str], since: str | None, header: 
 def test_the_served_document_is_the_fuzzed_one(served: Served) -> None:
     answer = served.session.get(f"{served.stack.url}/openapi.json", timeout=TIMEOUT_S)
     assert answer.status_code == 200
-    assert answer.json() == openapi(PROJECTIONS)
+    assert answer.json() == openapi(SYSTEM)
 
 
 def test_after_fuzzing_the_system_still_works(served: Served) -> None:

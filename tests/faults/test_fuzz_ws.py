@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
-from app.contexts import COMMANDS
-from app.settings import Settings
+from app.registry import SYSTEM
+from core.settings import Settings
 from tests.conftest import fresh_settings
 from tests.faults.test_bad_input import serving_in_a_thread, still_serving
 from tests.sockets import ws_url
@@ -129,7 +129,7 @@ OBJECTS = st.fixed_dictionaries(
         "ref": field_or_junk(TEXT),
         "topic": field_or_junk(TOPICS),
         "since": field_or_junk(SINCE),
-        "type": field_or_junk(st.sampled_from(sorted(COMMANDS)) | TEXT),
+        "type": field_or_junk(st.sampled_from(sorted(SYSTEM.catalog.commands)) | TEXT),
         "payload": PAYLOADS,
         "id": field_or_junk(st.text(max_size=140)),
         "extra": JSON,

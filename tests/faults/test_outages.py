@@ -37,15 +37,14 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from app.auth import issue_token
-from app.contexts import CONTEXTS
-from app.messages import Envelope
-from app.settings import Settings
+from app.registry import SYSTEM
 from app.web import READY_TIMEOUT_S
+from core.messages import Envelope
+from core.settings import Settings
 from projections import db
 from streams.connection import Redis, connect
 from streams.keys import Keys
 from tests.faults.conftest import Client, PostgresProcess, RedisProcess
-from tests.feeds import Frame, frames
 from tests.guarantees.test_g05_crash_recovery import (
     ADDS,
     all_events,
@@ -57,6 +56,7 @@ from tests.guarantees.test_g05_crash_recovery import (
 )
 from tests.pipeline import ADMIN, eventually
 from tests.processes import EddyProcess, Fleet, fleet
+from tests.sse import Frame, frames
 from tests.stack import serving
 
 pytestmark = pytest.mark.slow
@@ -261,7 +261,7 @@ def patient_client(url: str) -> Redis:
 async def groups_drained(redis: Redis, keys: Keys) -> list[str]:
     """Every group of every command and event stream with entries pending or unread."""
     busy = []
-    for context in CONTEXTS:
+    for context in SYSTEM.contexts:
         for shard in keys.shards_of(context.name):
             for stream in (keys.command_stream(shard), keys.event_stream(shard)):
                 if not await redis.exists(stream):
@@ -297,7 +297,7 @@ async def test_crashes_and_outages_change_nothing(
     rng = random.Random(seed)
     order = [planned for n in range(SESSIONS) for planned in commands_of(session_id(n))]
     redis = patient_client(settings.redis_url)
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     started = time.monotonic()
     try:
         async with fleet(settings, redis, tmp_path) as f:

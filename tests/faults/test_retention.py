@@ -21,26 +21,26 @@ import msgspec
 import pytest
 
 from app import cli, runtime
-from app.contexts import CONTEXTS
-from app.settings import Settings
-from projections import PROJECTIONS, db
-from projections.rebuild import REBUILD_LOCK, schema_name
+from app.registry import SYSTEM
+from core.settings import Settings
+from projections import db
+from projections.rebuild import REBUILD_LOCK, rebuilding, schema_name
 from streams import retention
 from streams.connection import Redis, Scripts
 from streams.fanout import Reset
-from streams.keys import COMMAND_GROUP, Shard, projection_group, reactor_group
+from streams.keys import COMMAND_GROUP, Shard, process_manager_group, projection_group
 from streams.positions import EntryId, encode_cursor, entry_id_of
 from streams.retention import Trim, Trimmer
 from tests.feeds import deliveries, event, keys_of, running, take
 
 TRACES = Shard("traces", 0)
 SESSIONS = Shard("chat_sessions", 0)
-MANAGER = reactor_group("session-streams")
+MANAGER = process_manager_group("session-streams")
 
 
 def trimmer(settings: Settings, redis: Redis, pool: db.Pool) -> Trimmer:
     """The trimmer `eddy projector` runs, on the test's settings."""
-    return runtime.trimmer(redis, Scripts(redis), pool, keys_of(settings), settings)
+    return runtime.trimmer(redis, pool, keys_of(settings), settings, SYSTEM)
 
 
 async def fill(redis: Redis, stream: str, count: int, *, every_ms: int = 1000) -> list[str]:
@@ -58,7 +58,7 @@ async def commit(
 ) -> None:
     """Every projection reading `shard` (or those named) has committed up to `entry`."""
     async with pool.acquire() as conn, conn.transaction():
-        for projection in PROJECTIONS:
+        for projection in SYSTEM.projections:
             if shard.context in projection.contexts and (only is None or projection.name in only):
                 await db.advance(conn, projection.name, shard, entry)
 
@@ -78,7 +78,7 @@ async def test_a_projection_behind_holds_the_stream_at_its_checkpoint(
     settings = msgspec.structs.replace(settings, retention_s=0)  # the policy trims everything
     stream = keys_of(settings).event_stream(TRACES)
     ids = await fill(redis, stream, 10)
-    others = [p.name for p in PROJECTIONS if p.name != "archive" and "traces" in p.contexts]
+    others = [p.name for p in SYSTEM.projections if p.name != "archive" and "traces" in p.contexts]
     await commit(pool, TRACES, (10000, 0), only=others)
 
     # The archive never committed on this shard: nothing goes.
@@ -178,7 +178,7 @@ async def test_a_process_manager_group_not_created_yet_holds_its_streams(
     await commit(pool, SESSIONS, (4000, 0))
     await commit(pool, TRACES, (4000, 0))
     for stream in (sessions, traces):
-        for projection in PROJECTIONS:  # as the projectors leave them: all read and acked
+        for projection in SYSTEM.projections:  # as the projectors leave them: all read and acked
             await redis.xgroup_create(stream, projection_group(projection.name), id="$")
 
     trims = await trimmer(settings, redis, pool).trim()
@@ -323,14 +323,16 @@ async def test_one_process_trims_at_a_time(settings: Settings, redis: Redis, poo
 
     class Counted(Trimmer):
         def __init__(self, number: int) -> None:
+            names = [p.name for p in SYSTEM.projections]
             super().__init__(
                 redis,
-                pool,
                 keys_of(settings),
                 settings,
-                contexts=[c.name for c in CONTEXTS],
-                projections=PROJECTIONS,
-                reactors=(),
+                contexts=SYSTEM.catalog.names,
+                projections=SYSTEM.projections,
+                process_managers=(),
+                committed=lambda: db.committed(pool, names),
+                rebuilding=lambda: rebuilding(pool, settings.db_schema, names),
             )
             self.number = number
 
@@ -371,7 +373,9 @@ async def test_eddy_trim_dry_run_says_what_would_go_and_changes_nothing(
     stream = keys.event_stream(TRACES)
     await fill(redis, stream, 5)
     await commit(pool, TRACES, (3000, 0), only=["archive"])
-    await commit(pool, TRACES, (5000, 0), only=[p.name for p in PROJECTIONS if p.name != "archive"])
+    await commit(
+        pool, TRACES, (5000, 0), only=[p.name for p in SYSTEM.projections if p.name != "archive"]
+    )
     env = {
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,

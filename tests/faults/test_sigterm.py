@@ -32,10 +32,10 @@ import msgspec
 import pytest
 from redis.exceptions import ResponseError
 
-from app.contexts import CONTEXTS
-from app.settings import Settings
+from app.readmodels.chat_sessions import PROJECTION
+from app.registry import SYSTEM
+from core.settings import Settings
 from projections import db
-from projections.chat_sessions import PROJECTION
 from streams.bus import FINAL
 from streams.connection import Redis
 from streams.keys import COMMAND_GROUP, Keys, Shard, projection_group
@@ -139,9 +139,9 @@ async def test_sigterm_finishes_the_batch_in_hand_and_releases_at_once(
     # Long enough that an expired lease would show: released ones pass within a tick.
     # Nothing is claimed for being idle: only the victim may handle what it holds.
     settings = msgspec.structs.replace(settings, lease_ttl_ms=6000, claim_idle_ms=120_000)
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     role = "worker" if kind == "worker" else projection_group(PROJECTION.name)
-    contexts = [c.name for c in CONTEXTS] if kind == "worker" else PROJECTION.contexts
+    contexts = [c.name for c in SYSTEM.contexts] if kind == "worker" else PROJECTION.contexts
     leases = [keys.lease(shard, role) for c in contexts for shard in keys.shards_of(c)]
     p = Pipeline(settings, redis)
     submitted: list[str] = []

@@ -36,7 +36,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from app.auth import issue_token
-from app.settings import Settings
+from core.settings import Settings
 from streams.connection import Redis
 from streams.keys import Keys
 from tests.feeds import event, keys_of

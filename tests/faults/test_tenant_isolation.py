@@ -8,7 +8,7 @@ and every text A writes carries A's tag (`A<run>`), so any of it in an answer to
 is found by looking for the tag. Tenant B has data of its own under other ids.
 Then B, with an admin token, tries A's ids everywhere:
 
-- every query route, taken from `PROJECTIONS` (so a new one is walked without
+- every query route, taken from `SYSTEM.projections` (so a new one is walked without
   being listed here), plain and with A's ids as filters. A asks first, twice, so
   the cached queries hold A's answers when B asks. For each request: A's answer
   is a 200 that B's is not (the probe means something); B's answer equals B's
@@ -51,22 +51,21 @@ from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from app.contexts import COMMANDS, CONTEXTS
-from app.messages import Envelope
-from app.settings import Settings
+from app.registry import SYSTEM
 from app.web import create_app
-from projections import PROJECTIONS
+from core.messages import Envelope
+from core.settings import Settings
 from streams.connection import Redis
 from streams.keys import Keys
 from streams.positions import parse_entry_id
 from streams.topics import Topics
-from tests.feeds import Frame, frames
 from tests.pipeline import eventually
 from tests.sockets import opened, ws_url
+from tests.sse import Frame, frames
 from tests.stack import Stack, serving
 
 WAIT_S = 15
-CONTEXT_NAMES = [c.name for c in CONTEXTS]
+CONTEXT_NAMES = [c.name for c in SYSTEM.contexts]
 Json = dict[str, Any]
 
 
@@ -371,7 +370,7 @@ def probes() -> list[Probe]:
     """Every query route of every projection, plain and with filters."""
     return [
         Probe(q.name, q.path, filtered)
-        for p in PROJECTIONS
+        for p in SYSTEM.projections
         for q in p.queries
         for filtered in (False, True)
     ]
@@ -445,7 +444,7 @@ def topics_of(ids: Ids) -> list[str]:
 
 def matching(topic: str, events: list[Json]) -> set[str]:
     """Ids of the events a subscription to `topic` gets."""
-    topics = Topics.parse([topic], CONTEXT_NAMES)
+    topics = Topics.parse([topic], SYSTEM.catalog)
     envelopes = [msgspec.json.decode(msgspec.json.encode(e), type=Envelope) for e in events]
     return {e.id for e in envelopes if topics.match(e)}
 
@@ -593,7 +592,9 @@ async def test_tenant_b_never_sees_or_changes_anything_of_tenant_a(
                 result = await ws_b.command(type_name, payload)
                 assert result["status"] in ("processed", "failed"), (type_name, result)
         covered = {t for t, _ in needing_an_aggregate(a_ids, b_ids) + creating(a_ids, b_ids)}
-        assert covered == set(COMMANDS), f"commands not tried: {set(COMMANDS) - covered}"
+        assert covered == set(SYSTEM.catalog.commands), (
+            f"commands not tried: {set(SYSTEM.catalog.commands) - covered}"
+        )
         mine = await b.get(f"/v1/chat-sessions/{a_ids.session}")
         assert mine.json()["agent_id"] == b_ids.agent
 
@@ -624,7 +625,7 @@ async def dead_letter_of(a: Tenant, redis: Redis, settings: Settings, a_ids: Ids
         "CreateChatSession", {"session_id": poisoned, "agent_id": a_ids.agent, "participants": []}
     )
     assert created["status"] == "processed"
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     state = keys.aggregate(keys.shard_of("chat_sessions", a.name, poisoned), a.name, poisoned)
     await redis.delete(state)
     await redis.set(state, "not a hash")
@@ -656,7 +657,7 @@ async def every_cached_query_was_hit(stack: Stack) -> None:
     """A asked every query twice before B asked: each cached query's second answer
     came from Redis, so B asked while A's answers were there to be (wrongly) found."""
     metrics = (await stack.client.get("/metrics")).text
-    cached = {q.name for p in PROJECTIONS for q in p.queries if q.cache is not None}
+    cached = {q.name for p in SYSTEM.projections for q in p.queries if q.cache is not None}
     assert cached
     for name in cached:
         hits = re.findall(
@@ -738,16 +739,16 @@ WALKED = {
     ("DELETE", "/v1/admin/dead-letters/{id}"),
     ("POST", "/v1/admin/dead-letters/{id}/replay"),
 }
-"""Routes the journey above walks by name (query routes it takes from `PROJECTIONS`)."""
+"""Routes the journey above walks by name (query routes it takes from `SYSTEM.projections`)."""
 
 
 async def test_every_route_is_walked(settings: Settings) -> None:
     routes: set[tuple[str, str]] = set()
-    for route in create_app(settings).routes:
+    for route in create_app(settings, SYSTEM).routes:
         if isinstance(route, WebSocketRoute):
             routes.add(("WEBSOCKET", route.path))
         elif isinstance(route, Route):
             routes |= {(m, route.path) for m in route.methods or () if m != "HEAD"}
-    queries = {("GET", q.path) for p in PROJECTIONS for q in p.queries}
+    queries = {("GET", q.path) for p in SYSTEM.projections for q in p.queries}
     missing = routes - TENANT_FREE - WALKED - queries
     assert not missing, f"routes the tenant walk does not cover: {sorted(missing)}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from app.errors import Unavailable
+from app.registry import SYSTEM
+from core.errors import Unavailable
 from streams.bus import CommandBus
 from streams.connection import Scripts, connect
 from tests.pipeline import ADMIN, Pipeline, running
@@ -58,7 +59,7 @@ async def test_a_submission_cut_off_half_way_is_completed_by_the_retry(settings,
     """The locator was written, then Redis failed before the command was appended."""
     p = Pipeline(settings, redis)
     broken = connect(settings.redis_url)
-    bus = CommandBus(broken, Scripts(broken), p.keys, settings.command_ttl_s)
+    bus = CommandBus(broken, Scripts(broken), p.keys, settings.command_ttl_s, SYSTEM.catalog)
     # make the second step fail: the submit script is replaced by one that errors
     bus.scripts.submit = broken.register_script("return redis.error_reply('ERR down')")
     with pytest.raises(Unavailable):
@@ -74,10 +75,9 @@ async def test_a_submission_cut_off_half_way_is_completed_by_the_retry(settings,
 
 
 async def bus_submit(bus: CommandBus, p: Pipeline, command_id: str) -> None:
-    from app.commands import build_record
-    from app.contexts import COMMANDS
+    from app.submission import build_record
 
-    command_type = COMMANDS["CreateChatSession"]
+    command_type = SYSTEM.catalog.commands["CreateChatSession"]
     command = command_type.decoder.decode(msgspec.json.encode(BODY))
     record = build_record(command_type, command, ADMIN, command_id, None)
     shard = p.keys.shard_of("chat_sessions", ADMIN.tenant, record.aggregate_id)

@@ -6,16 +6,16 @@ the write of its events, and a retried submission returns the original status.
 
 from __future__ import annotations
 
-from app.contexts import CONTEXTS
+from app.registry import SYSTEM
 from streams.keys import Shard
 from tests.pipeline import ADMIN, Pipeline, eventually, running
 
 
 async def events_of(p: Pipeline, aggregate_id: str) -> list[dict]:
-    from app.messages import envelope_decoder
+    from core.messages import envelope_decoder
 
     found = []
-    for ctx in CONTEXTS:
+    for ctx in SYSTEM.contexts:
         for shard in p.keys.shards_of(ctx.name):
             for _, fields in await p.redis.xrange(p.keys.event_stream(shard)):
                 env = envelope_decoder.decode(fields[b"e"])

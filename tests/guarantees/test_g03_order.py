@@ -76,7 +76,7 @@ async def test_concurrent_submissions_keep_their_acceptance_order(settings, redi
             return events if len(events) == 61 else None
 
         events = await eventually(all_applied)
-        from app.messages import record_decoder
+        from core.messages import record_decoder
 
         order = [
             record_decoder.decode(raw).id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from app.contexts.chat_sessions import ChatSession, Participant
+from app.registry import SYSTEM
 from streams.keys import COMMAND_GROUP
 from streams.lease import ShardLease
 from streams.worker import ShardWorker
@@ -33,7 +34,7 @@ async def test_a_decision_on_a_stale_state_is_decided_again(settings, redis) -> 
     await redis.xgroup_create(stream, COMMAND_GROUP, id="0")
     lease = ShardLease(redis, p.scripts, p.keys.lease(shard, "worker"), "w", 60_000)
     assert await lease.acquire()
-    worker = ShardWorker(redis, p.scripts, p.keys, settings, shard)
+    worker = ShardWorker(redis, p.scripts, p.keys, settings, SYSTEM.catalog, shard)
     worker.lease = lease
     await handle_all(redis, worker, stream)  # the worker now caches version 1
 

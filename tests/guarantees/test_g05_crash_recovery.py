@@ -41,11 +41,11 @@ import anyio
 import msgspec
 import pytest
 
-from app.contexts import EVENTS
-from app.messages import Envelope, envelope_decoder, record_decoder
-from app.settings import Settings
+from app.readmodels.chat_sessions import PROJECTION
+from app.registry import SYSTEM
+from core.messages import Envelope, envelope_decoder, record_decoder
+from core.settings import Settings
 from projections import db
-from projections.chat_sessions import PROJECTION
 from streams.bus import FINAL
 from streams.connection import Redis
 from streams.keys import COMMAND_GROUP, Keys, Shard, projection_group
@@ -216,7 +216,7 @@ class Chaos:
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.settings.key_prefix, self.settings.shards)
+        return Keys.of(self.settings)
 
     def role(self, kind: str) -> Role:
         if kind == "worker":
@@ -396,7 +396,7 @@ def check_events(sid: str, found: list[tuple[Shard, str, Envelope]], keys: Keys)
     assert [env.aggregate_version for _, _, env in found] == list(range(1, len(want) + 1))
     for (shard, _, env), (_, _, fields) in zip(found, want, strict=True):
         assert shard == keys.shard_of(CONTEXT, ADMIN.tenant, sid)
-        payload = msgspec.to_builtins(EVENTS[env.type].decoder.decode(env.payload))
+        payload = msgspec.to_builtins(SYSTEM.catalog.events[env.type].decoder.decode(env.payload))
         assert {k: payload[k] for k in fields} == fields, f"{sid} v{env.aggregate_version}"
 
 

@@ -12,42 +12,32 @@ inside the Lua step), and an event whose row breaks a CHECK constraint.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
 
-from app.contexts import CONTEXTS
-from app.errors import NotFound
-from app.messages import envelope_decoder
-from app.settings import Settings
-from projections import PROJECTIONS, db
+from app.registry import SYSTEM
+from core.errors import NotFound
+from core.messages import envelope_decoder
+from core.settings import Settings
+from projections import db
 from projections.projector import Hooks, ShardProjector
 from streams.deadletters import DeadLetters
 from streams.keys import Shard
-from tests.conftest import fresh_settings
 from tests.pipeline import ADMIN, Pipeline, eventually, running
-from tests.services import prefix_deleted
 
 MAX_ATTEMPTS = 3
 
 
-@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.cluster)])
-async def settings(request, redis_url: str, database_url: str) -> AsyncIterator[Settings]:
-    """The test's settings, with `EDDY_MAX_ATTEMPTS` 3, on single Redis and on Redis Cluster."""
-    url = redis_url if request.param == "redis" else request.getfixturevalue("redis_cluster_url")
-    settings = msgspec.structs.replace(fresh_settings(url, database_url), max_attempts=MAX_ATTEMPTS)
-    if request.param != "redis":
-        yield settings  # the cluster is thrown away after the session
-        return
-    async with prefix_deleted(url, settings.key_prefix):
-        yield settings
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The guarantees' settings (single Redis, then Cluster), giving up sooner."""
+    return msgspec.structs.replace(settings, max_attempts=MAX_ATTEMPTS)
 
 
 def dead_letters(p: Pipeline) -> DeadLetters:
-    contexts = [c.name for c in CONTEXTS]
-    return DeadLetters(p.redis, p.scripts, p.keys, p.settings.command_ttl_s, contexts)
+    return DeadLetters(p.redis, p.scripts, p.keys, p.settings.command_ttl_s, SYSTEM.catalog)
 
 
 def on_shard(p: Pipeline, shard: Shard, prefix: str, n: int) -> list[str]:
@@ -152,8 +142,8 @@ async def test_a_poison_event_is_dead_lettered_for_its_projection_only(
         # Fix the cause, replay: projected once, for chat_sessions only.
         async with pool.acquire() as conn:
             await conn.execute("ALTER TABLE chat_sessions DROP CONSTRAINT no_poison")
-        chat_sessions = next(x for x in PROJECTIONS if x.name == "chat_sessions")
-        projector = ShardProjector(pool, chat_sessions, shard, Hooks())
+        chat_sessions = SYSTEM.projection("chat_sessions")
+        projector = ShardProjector(pool, chat_sessions, shard, SYSTEM.catalog, Hooks())
         await dead_letters(p).replay_event(letter, projector.replay)
         assert await count(pool, "chat_sessions", "session_id = $1", "s-poison") == 1
         assert await count(pool, "event_archive", "event_id = $1", letter.event_id) == 1

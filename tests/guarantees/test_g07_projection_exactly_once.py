@@ -7,9 +7,10 @@ applying any event twice would fail loudly instead of passing unnoticed.
 
 from __future__ import annotations
 
-from app.messages import Envelope
+from app.contexts import chat_sessions
+from app.registry import SYSTEM
 from projections import db
-from projections.projection import Projection
+from projections.projection import Batch, Projection
 from projections.projector import ShardProjector, run_projector
 from streams.keys import projection_group
 from tests.pipeline import eventually, running
@@ -17,14 +18,14 @@ from tests.pipeline import eventually, running
 PROBE_TABLE = "CREATE TABLE probe (event_id text PRIMARY KEY, version int NOT NULL)"
 
 
-async def apply_probe(conn: db.Connection, envelopes: list[Envelope]) -> None:
+async def apply_probe(conn: db.Connection, batch: Batch) -> None:
     await conn.executemany(
         "INSERT INTO probe (event_id, version) VALUES ($1, $2)",
-        [(e.id, e.aggregate_version) for e in envelopes],
+        [(e.id, e.aggregate_version) for e, _ in batch],
     )
 
 
-PROBE = Projection(name="probe", contexts=("chat_sessions",), apply=apply_probe)
+PROBE = Projection(name="probe", reads=(chat_sessions.CONTEXT,), events=None, apply=apply_probe)
 
 
 async def test_replayed_entries_are_skipped(settings, redis, pool) -> None:
@@ -46,7 +47,7 @@ async def test_replayed_entries_are_skipped(settings, redis, pool) -> None:
             await redis.xgroup_create(stream, group, id="0", mkstream=True)
             reply = await redis.xreadgroup(group, "doomed", {stream: ">"})
             if reply:
-                projector = ShardProjector(pool, PROBE, shard)
+                projector = ShardProjector(pool, PROBE, shard, SYSTEM.catalog)
                 await projector.handle(reply[0][1])
                 # ... and a second delivery of the same entries changes nothing
                 await projector.handle(reply[0][1])
@@ -56,7 +57,9 @@ async def test_replayed_entries_are_skipped(settings, redis, pool) -> None:
         from anyio import create_task_group
 
         async with create_task_group() as tg:
-            tg.start_soon(run_projector, redis, p.scripts, p.keys, settings, pool, [PROBE])
+            tg.start_soon(
+                run_projector, redis, p.scripts, p.keys, settings, pool, SYSTEM.catalog, [PROBE]
+            )
 
             async def nothing_pending() -> bool:
                 for shard in p.keys.shards_of("chat_sessions"):

@@ -20,48 +20,31 @@ from typing import Any
 
 import anyio
 import msgspec
-import pytest
 
 from app import runtime
-from app.contexts import CONTEXTS
-from app.settings import Settings
-from projections import PROJECTIONS, chat_sessions, db, status
+from app.readmodels import chat_sessions
+from app.registry import SYSTEM
+from core.settings import Settings
+from projections import db, status
 from projections.projection import Projection
 from projections.projector import run_projector
-from projections.rebuild import rebuilder
-from streams.connection import Redis, Scripts, connect
-from streams.keys import Keys, Shard, reactor_group
+from streams.connection import Redis, connect
+from streams.keys import Keys, Shard, process_manager_group
 from streams.positions import EntryId, entry_id_of
 from streams.retention import Trim, Trimmer
-from tests import services
-from tests.conftest import fresh_settings
-from tests.feeds import Frame, frames, read_events
+from tests.feeds import read_events
 from tests.pipeline import Pipeline, eventually, running
 from tests.sockets import opened
+from tests.sse import Frame, frames
 from tests.stack import Stack, serving
 
-CONTEXT_NAMES = [c.name for c in CONTEXTS]
-MANAGER = reactor_group("session-streams")
-
-
-@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.cluster)])
-async def settings(
-    request: pytest.FixtureRequest, redis_url: str, database_url: str
-) -> AsyncIterator[Settings]:
-    """Each test on a single Redis, then on the throwaway Redis Cluster."""
-    if request.param == "cluster":
-        yield fresh_settings(request.getfixturevalue("redis_cluster_url"), database_url)
-        return  # the cluster is thrown away after the session
-    settings = fresh_settings(redis_url, database_url)
-    async with services.prefix_deleted(redis_url, settings.key_prefix):
-        yield settings
+CONTEXT_NAMES = [c.name for c in SYSTEM.contexts]
+MANAGER = process_manager_group("session-streams")
 
 
 def trimmer(settings: Settings, redis: Redis, pool: db.Pool) -> Trimmer:
     """The trimmer `eddy projector` runs, on the test's settings."""
-    return runtime.trimmer(
-        redis, Scripts(redis), pool, Keys(settings.key_prefix, settings.shards), settings
-    )
+    return runtime.trimmer(redis, pool, Keys.of(settings), settings, SYSTEM)
 
 
 @asynccontextmanager
@@ -70,7 +53,10 @@ async def projecting(
 ) -> AsyncIterator[Pipeline]:
     """The worker and process managers, and a projector of `projections` only."""
     async with running(settings, projector=False) as p, anyio.create_task_group() as tg:
-        tg.start_soon(run_projector, p.redis, p.scripts, p.keys, settings, pool, projections)
+        tg.start_soon(
+            run_projector,
+            *(p.redis, p.scripts, p.keys, settings, pool, SYSTEM.catalog, projections),
+        )
         yield p
         tg.cancel_scope.cancel()
 
@@ -144,8 +130,8 @@ async def test_nothing_uncommitted_is_trimmed_and_history_stays_whole(
     settings: Settings, redis: Redis, pool: db.Pool
 ) -> None:
     settings = msgspec.structs.replace(settings, retention_s=0)
-    keys = Keys(settings.key_prefix, settings.shards)
-    not_archive = [p for p in PROJECTIONS if p.name != "archive"]
+    keys = Keys.of(settings)
+    not_archive = [p for p in SYSTEM.projections if p.name != "archive"]
 
     # A deployment whose archive has never run (no checkpoint, no consumer group):
     # every other projection has everything, yet no event goes.
@@ -161,9 +147,9 @@ async def test_nothing_uncommitted_is_trimmed_and_history_stays_whole(
     # The archive catches up; 8 more for everyone; then the archive's projector is
     # stopped while the others go on with 6 more.
     async with running(settings) as p:
-        await caught_up(redis, pool, keys, PROJECTIONS)
+        await caught_up(redis, pool, keys, SYSTEM.projections)
         await submit(p, 8, "b")
-        await caught_up(redis, pool, keys, PROJECTIONS)
+        await caught_up(redis, pool, keys, SYSTEM.projections)
     async with projecting(settings, pool, not_archive) as p:
         await submit(p, 6, "c")
         await caught_up(redis, pool, keys, not_archive)
@@ -174,7 +160,7 @@ async def test_nothing_uncommitted_is_trimmed_and_history_stays_whole(
     assert removed(trims) == 16
     kept = await in_streams(redis, keys)
     for event_id, (shard, entry) in events.items():
-        readers = [p.name for p in PROJECTIONS if shard.context in p.contexts]
+        readers = [p.name for p in SYSTEM.projections if shard.context in p.contexts]
         needed = [name for name in readers if entry > await checkpoint(pool, name, shard)]
         assert needed in ([], ["archive"])
         assert (event_id in kept) == bool(needed), event_id
@@ -192,14 +178,14 @@ async def test_nothing_uncommitted_is_trimmed_and_history_stays_whole(
 
     # Everyone catches up: the streams are emptied, the archive holds all 26.
     async with running(settings) as p:
-        await caught_up(redis, pool, keys, PROJECTIONS)
+        await caught_up(redis, pool, keys, SYSTEM.projections)
         trims = await trimmer(settings, redis, pool).trim()
     assert removed(trims) == 10
     assert await in_streams(redis, keys) == {}
     assert len(await archived(pool)) == 26
 
     # A rebuild reads it all from the archive, and builds the very same tables.
-    report = await rebuilder(pool, redis, keys, settings.db_schema, verify=True)(
+    report = await runtime.rebuilds(pool, redis, settings, SYSTEM, verify=True)(
         chat_sessions.PROJECTION
     ).run()
     assert report.identical is True
@@ -244,7 +230,7 @@ async def processed(stack: Stack, command_id: str) -> bool:
 
 
 async def event_streams_emptied(settings: Settings, redis: Redis, contexts: list[str]) -> bool:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     for context in contexts:
         for shard in keys.shards_of(context):
             stream = keys.event_stream(shard)
@@ -313,7 +299,7 @@ async def test_a_feed_resumed_from_a_retained_position_gets_no_reset_and_no_gap(
     """Older events trimmed (the feed's positions name some of them: a token holds
     every shard's last entry), the one resumed from and everything after it kept."""
     settings = msgspec.structs.replace(settings, retention_s=3600, trim_interval_s=0)
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     async with serving(settings) as s:
         for n in range(4):
             await post(s, f"old-{n}", f"old-{n}")
@@ -340,7 +326,7 @@ async def test_a_feed_resumed_from_a_retained_position_gets_no_reset_and_no_gap(
         pool = await db.create_pool(settings.database_url, settings.db_schema)
         client = connect(settings.redis_url)
         try:
-            await caught_up(client, pool, keys, PROJECTIONS)
+            await caught_up(client, pool, keys, SYSTEM.projections)
             # Keeping an hour, an hour after the seen event: everything before it goes.
             trims = await trimmer(settings, client, pool).trim(now_ms=seen_ms + 3600_000)
         finally:

@@ -12,21 +12,20 @@ from collections import Counter
 import httpx
 import msgspec
 
-from app.messages import Envelope
-from app.settings import Settings
+from core.messages import Envelope
+from core.settings import Settings
 from streams.connection import Redis
 from tests.feeds import (
-    Frame,
     append,
     bearer,
     event,
     feed_app,
     fence,
-    frames,
     keys_of,
     read_events,
     serve,
 )
+from tests.sse import Frame, frames
 
 URL = "/v1/events/stream"
 AGGREGATES = [

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import httpx
 
-from app.settings import Settings
+from core.settings import Settings
 from streams.connection import Redis
-from tests.feeds import append, bearer, event, feed_app, fence, frames, keys_of, read_events, serve
+from tests.feeds import append, bearer, event, feed_app, fence, keys_of, read_events, serve
+from tests.sse import frames
 
 URL = "/v1/events/stream"
 

@@ -47,8 +47,8 @@ import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from app.embedded import free_port
-from app.settings import Settings
+from core.settings import Settings
+from devserver.embedded import free_port
 from streams.connection import Redis
 from tests.faults.test_slow_consumers import (
     OPEN,
@@ -62,6 +62,7 @@ from tests.faults.test_slow_consumers import (
 )
 from tests.feeds import event, keys_of
 from tests.processes import EDDY, SETPRIV, environment
+from tests.sse import frames
 
 pytestmark = pytest.mark.slow
 
@@ -157,16 +158,11 @@ async def eddy_web(settings: Settings, log_path: Path, **variables: str) -> Asyn
 
 
 async def read_sse(subscriber: Healthy, response: httpx.Response, total: int) -> None:
-    """Frames split by hand from the raw body: cheap enough to time thousands a second."""
-    pending = b""
-    chunks = response.aiter_raw()
-    while len(subscriber.arrived) < total:
-        pending += await anext(chunks)
-        *complete, pending = pending.split(b"\n\n")
-        for frame in complete:
-            _, found, data = frame.partition(b"\ndata: ")
-            if found and b"\nevent: Happened" in frame:
-                subscriber.got(_envelope.decode(data))
+    async for frame in frames(response):
+        if frame.event == "Happened" and frame.data is not None:
+            subscriber.got(_envelope.decode(frame.data))
+        if len(subscriber.arrived) >= total:
+            return
 
 
 async def read_ws(subscriber: Healthy, ws: ClientConnection, total: int) -> None:

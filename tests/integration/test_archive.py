@@ -9,11 +9,11 @@ import asyncpg
 import msgspec
 import pytest
 
-from app.contexts import CONTEXTS
-from app.messages import Envelope
+from app.registry import SYSTEM
+from core.messages import Envelope
 from projections import archive, db
-from streams.bus import stamp
 from streams.connection import Redis
+from streams.entries import read_event
 from streams.keys import Keys, Shard
 from streams.positions import entry_id_of
 from tests.pipeline import Pipeline, eventually, running
@@ -71,10 +71,12 @@ async def burst(p: Pipeline) -> str:
 async def streamed(redis: Redis, keys: Keys) -> dict[Shard, list[Envelope]]:
     """Every event in the event streams, per shard, in stream order (XRANGE)."""
     events: dict[Shard, list[Envelope]] = {}
-    for context in CONTEXTS:
+    for context in SYSTEM.contexts:
         for shard in keys.shards_of(context.name):
             entries: list[Any] = await redis.xrange(keys.event_stream(shard))
-            events[shard] = [stamp(shard, i.decode(), fields[b"e"]) for i, fields in entries]
+            events[shard] = [
+                read_event(shard, i.decode(), fields[b"e"], SYSTEM.catalog) for i, fields in entries
+            ]
     return events
 
 
@@ -99,7 +101,7 @@ async def test_the_archive_holds_every_event_once_in_stream_order(settings, redi
         total = sum(len(shard_events) for shard_events in events.values())
         assert total == 12 * 4 + 1 + 6
         assert {shard.context for shard, found in events.items() if found} == {
-            c.name for c in CONTEXTS
+            c.name for c in SYSTEM.contexts
         }
 
         async def everything_archived() -> list[asyncpg.Record] | None:
@@ -116,7 +118,7 @@ async def test_the_archive_holds_every_event_once_in_stream_order(settings, redi
     assert [tuple(row) for row in rows] == expected  # each once, in stream order
 
     # replay: pages of one shard each, in stream order, equal to what the streams hold
-    contexts = [c.name for c in CONTEXTS]
+    contexts = [c.name for c in SYSTEM.contexts]
     async with pool.acquire() as conn:
         pages = [page async for page in archive.replay(conn, contexts, page=7)]
     assert all(1 <= len(page) <= 7 for page in pages)
@@ -157,7 +159,7 @@ async def test_an_event_archived_twice_fails_loudly(settings, redis, pool) -> No
         events = await streamed(redis, p.keys)
     [envelope] = [e for found in events.values() for e in found]
     async with pool.acquire() as conn:
-        await archive.apply(conn, [envelope])
+        await archive.apply(conn, [(envelope, None)])
         with pytest.raises(asyncpg.UniqueViolationError):
-            await archive.apply(conn, [envelope])
+            await archive.apply(conn, [(envelope, None)])
         assert await conn.fetchval("SELECT count(*) FROM event_archive") == 1

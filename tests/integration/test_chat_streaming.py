@@ -11,11 +11,10 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-import pytest
 
-from tests.feeds import frames
 from tests.sockets import opened
-from tests.stack import Stack, serving
+from tests.sse import frames
+from tests.stack import Stack
 
 CHUNKS = 500
 WITHIN_S = 60
@@ -24,12 +23,6 @@ WITHIN_S = 60
 def chunk(seq: int) -> str:
     """Token-like chunks, some multi-byte and some only whitespace."""
     return ("é" if seq % 7 == 0 else "") + (" " if seq % 5 == 0 else f"tok{seq} ")
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
 
 
 async def ready_stream(stack: Stack) -> tuple[str, str]:

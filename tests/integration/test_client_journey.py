@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import msgspec
 
-from tests.feeds import frames, read_events
+from tests.feeds import read_events
+from tests.sse import frames
 from tests.stack import serving
 
 

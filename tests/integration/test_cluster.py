@@ -18,7 +18,7 @@ import anyio
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from app.settings import Settings
+from core.settings import Settings
 from projections import db
 from streams.connection import Redis
 from streams.fanout import reader_groups
@@ -59,7 +59,6 @@ from tests.integration.test_tools import (
     test_a_name_is_unique_in_its_tenant,
 )
 from tests.pipeline import ADMIN, Pipeline, eventually, running
-from tests.stack import serving
 
 pytestmark = pytest.mark.cluster
 
@@ -90,15 +89,9 @@ def settings(redis_cluster_url: str, database_url: str) -> Settings:
     return fresh_settings(redis_cluster_url, database_url)
 
 
-@pytest.fixture
-async def stack(settings: Settings, schema: str) -> Any:
-    async with serving(settings) as s:
-        yield s
-
-
 async def test_the_shards_span_several_slots_and_nodes(settings: Settings, redis: Redis) -> None:
     """What makes the tests above a cluster test: one reader per slot, several nodes."""
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     streams = {
         keys.event_stream(s): s for c in ("chat_sessions", "traces") for s in keys.shards_of(c)
     }

@@ -9,9 +9,10 @@ import msgspec
 import pytest
 
 from app.cli import main
-from app.messages import Envelope
-from projections import PROJECTIONS, db, drift
-from projections.projection import Projection
+from app.registry import SYSTEM
+from projections import db, drift
+from projections.migrate import migrate as migrate_schema
+from projections.projection import Batch, Projection
 from tests.processes import EDDY, environment
 
 DRIFT = """
@@ -82,7 +83,7 @@ async def test_eddy_drift_check_finds_no_drift_in_a_migrated_schema(settings, sc
 async def test_check_reports_each_difference_precisely(settings, schema, pool, capsys) -> None:
     await pool.execute(DRIFT)
 
-    report = await drift.check(settings.database_url, schema)
+    report = await drift.check(settings.database_url, schema, SYSTEM.projections)
 
     assert report.text().splitlines() == [
         *NEEDS_REBUILD,
@@ -138,7 +139,7 @@ async def test_repair_fixes_the_safe_ones_and_names_the_projections_to_rebuild(
     await pool.execute(DRIFT)
     await pool.execute("INSERT INTO runtime_flags VALUES ('t', 'chat', 'beta', true, NULL, now())")
 
-    report = await drift.repair(settings.database_url, schema)
+    report = await drift.repair(settings.database_url, schema, SYSTEM.projections)
 
     assert [d.what() for d in report.repaired or ()] == REPAIRABLE
     null_version = (
@@ -153,7 +154,10 @@ async def test_repair_fixes_the_safe_ones_and_names_the_projections_to_rebuild(
     ]
     assert report.rebuild == ["chat_sessions", "runtime_config", "tools", "traces"]
     assert report.exit_code == 1
-    left = [d.what() for d in (await drift.check(settings.database_url, schema)).differences]
+    left = [
+        d.what()
+        for d in (await drift.check(settings.database_url, schema, SYSTEM.projections)).differences
+    ]
     assert left == [d.what() for d in report.differences]
     assert await pool.fetchval("SELECT count(*) FROM chat_sessions WHERE note IS NULL") == 1
     assert await pool.fetchval("SELECT count(*) FROM traces WHERE finalized_at IS NULL") == 1
@@ -191,18 +195,19 @@ async def test_a_repair_of_only_safe_drift_leaves_no_drift(settings, schema, poo
     ]
     assert await eddy(capsys, settings, "drift", "check") == (
         0,
-        f"no drift: {(await drift.check(settings.database_url, schema)).tables}"
+        f"no drift: {(await drift.check(settings.database_url, schema, SYSTEM.projections)).tables}"
         " declared tables match the database\n",
     )
 
 
-async def _apply_nothing(conn: db.Connection, events: list[Envelope]) -> None:
+async def _apply_nothing(conn: db.Connection, batch: Batch) -> None:
     return None
 
 
 WIDGETS = Projection(
     name="widgets",
-    contexts=(),
+    reads=(),
+    events=None,
     apply=_apply_nothing,
     tables="""
         CREATE TABLE widgets (
@@ -218,8 +223,8 @@ WIDGETS = Projection(
 
 
 async def test_a_rule_the_existing_rows_break_is_left_for_a_rebuild(settings, schema, pool) -> None:
-    projections = [*PROJECTIONS, WIDGETS]
-    await db.migrate(settings.database_url, schema, projections)
+    projections = [*SYSTEM.projections, WIDGETS]
+    await migrate_schema(settings.database_url, schema, projections, SYSTEM.views)
     await pool.execute(
         "ALTER TABLE widgets DROP CONSTRAINT widgets_name_key;"
         " ALTER TABLE widgets DROP CONSTRAINT widgets_size_positive;"
@@ -254,7 +259,7 @@ async def test_a_rule_the_existing_rows_break_is_left_for_a_rebuild(settings, sc
 async def test_a_projection_not_installed_needs_eddy_migrate(settings, schema, pool) -> None:
     await pool.execute("DELETE FROM eddy_projections WHERE name = 'tools'")
 
-    report = await drift.repair(settings.database_url, schema)
+    report = await drift.repair(settings.database_url, schema, SYSTEM.projections)
 
     assert report.text() == (
         "projection tools: not installed — run eddy migrate\nrepaired 0, left 1"
@@ -263,9 +268,9 @@ async def test_a_projection_not_installed_needs_eddy_migrate(settings, schema, p
 
 
 async def test_a_schema_never_migrated_has_every_projection_to_install(settings) -> None:
-    report = await drift.check(settings.database_url, settings.db_schema)
+    report = await drift.check(settings.database_url, settings.db_schema, SYSTEM.projections)
 
     assert [(d.kind, d.projection) for d in report.differences] == [
-        ("not_installed", p.name) for p in PROJECTIONS
+        ("not_installed", p.name) for p in SYSTEM.projections
     ]
     assert report.exit_code == 1

@@ -17,7 +17,7 @@ import anyio
 import asyncpg
 import pytest
 
-from app import embedded
+from devserver import embedded
 from streams.connection import connect
 from tests.services import answers, scratch_dir
 
@@ -80,7 +80,7 @@ async def test_embedded_servers_serve_and_stop() -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from app import embedded
+from devserver import embedded
 data = Path(sys.argv[1])
 with embedded.embedded_redis(data / "valkey") as r, embedded.embedded_postgres(data / "pg") as p:
     print(r, p, flush=True)

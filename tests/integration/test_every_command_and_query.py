@@ -2,7 +2,7 @@
 route on what they made: the whole public surface, through the real stack.
 
 The test fails when a command type or a query is added without being covered
-here (the lists are compared with `COMMANDS` and `PROJECTIONS`)."""
+here (the lists are compared with `SYSTEM.catalog.commands` and `SYSTEM.projections`)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,12 @@ from typing import Any
 
 import pytest
 
-from app.contexts import COMMANDS
-from projections import PROJECTIONS
+from app.registry import SYSTEM
 from tests.sockets import opened
-from tests.stack import Stack, serving
+from tests.stack import Stack
 
 Submit = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Submit a command and wait for its outcome: `{"status", "position"?, "error"?}`."""
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
 
 
 @asynccontextmanager
@@ -64,7 +57,7 @@ async def test_every_command_and_every_query(stack: Stack, kind: str) -> None:
             outcome = await submit(type_name, payload)
             assert outcome["status"] == "processed", (type_name, outcome)
             submitted.add(type_name)
-            at[COMMANDS[type_name].context.name] = outcome["position"]
+            at[SYSTEM.catalog.commands[type_name].context.name] = outcome["position"]
 
         await run(
             "CreateChatSession",
@@ -221,6 +214,8 @@ async def test_every_command_and_every_query(stack: Stack, kind: str) -> None:
         )
         assert r.status_code == 404
 
-    assert submitted == set(COMMANDS), f"not covered: {set(COMMANDS) - submitted}"
-    every_query = {q.name for p in PROJECTIONS for q in p.queries}
+    assert submitted == set(SYSTEM.catalog.commands), (
+        f"not covered: {set(SYSTEM.catalog.commands) - submitted}"
+    )
+    every_query = {q.name for p in SYSTEM.projections for q in p.queries}
     assert queried == every_query, f"not covered: {every_query - queried}"

@@ -12,9 +12,9 @@ import httpx
 import msgspec
 import pytest
 
-from app.errors import BadPosition, BadRequest
-from app.messages import envelope_encoder
-from app.settings import Settings
+from core.errors import BadPosition, BadRequest
+from core.messages import envelope_encoder
+from core.settings import Settings
 from streams import fanout as fanout_module
 from streams.connection import Redis, connect
 from streams.fanout import Delivery, Lagging, Reset
@@ -26,12 +26,12 @@ from tests.feeds import (
     WAIT_S,
     append,
     bearer,
+    catalog_of,
     deliveries,
     drain,
     event,
     feed_app,
     fence,
-    frames,
     keys_of,
     read_events,
     running,
@@ -39,6 +39,7 @@ from tests.feeds import (
     take,
     take_until,
 )
+from tests.sse import frames
 
 
 def ids(items: list[Delivery]) -> list[str]:
@@ -112,7 +113,7 @@ async def test_events_reach_only_their_tenant_and_topics(settings: Settings, red
 
 
 async def test_bad_topics_and_tokens_are_refused_at_once(settings: Settings, redis: Redis) -> None:
-    fanout = fanout_module.Fanout(redis, keys_of(settings), CONTEXTS, settings)
+    fanout = fanout_module.Fanout(redis, keys_of(settings), catalog_of(CONTEXTS), settings)
     for topics in ([], ["nope"], ["chat_sessions/"], ["session/"], ["x/1"], ["*"] * 33):
         with pytest.raises(BadRequest):
             fanout.subscribe("a", topics)
@@ -133,13 +134,14 @@ def test_vector_tokens_equal_encode_cursor() -> None:
 
 
 def test_topics_parse() -> None:
-    topics = Topics.parse(["traces", "traces/t1", "session/s"], CONTEXTS)
+    topics = Topics.parse(["traces", "traces/t1", "session/s"], catalog_of(CONTEXTS))
     assert topics == Topics(
         contexts=frozenset({"traces"}),
         aggregates=frozenset({("traces", "t1")}),
         sessions=frozenset({"s"}),
+        session_context="chat_sessions",
     )
-    assert Topics.parse(["*"], CONTEXTS).everything
+    assert Topics.parse(["*"], catalog_of(CONTEXTS)).everything
 
 
 async def test_resume_continues_after_the_token_while_events_keep_coming(
@@ -336,7 +338,7 @@ async def test_the_reader_survives_a_killed_connection(settings: Settings, redis
 async def test_stopping_the_fanout_ends_every_subscription(
     settings: Settings, redis: Redis
 ) -> None:
-    fanout = fanout_module.Fanout(redis, keys_of(settings), CONTEXTS, settings)
+    fanout = fanout_module.Fanout(redis, keys_of(settings), catalog_of(CONTEXTS), settings)
     async with anyio.create_task_group() as tg:
         await tg.start(fanout.run)
         async with fanout.subscribe("a", ["*"]) as sub:
@@ -372,7 +374,7 @@ async def test_a_stalled_sse_client_is_cut_off_and_others_keep_receiving(
                 stream = frames(active)
                 await anext(stream)
                 with anyio.fail_after(WAIT_S):
-                    while app.state.fanout.subscribers < 2:  # noqa: ASYNC110
+                    while app.state.web.fanout.subscribers < 2:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                 big = b'{"text":"' + b"x" * 32_000 + b'"}'
                 sent: list[str] = []
@@ -386,7 +388,7 @@ async def test_a_stalled_sse_client_is_cut_off_and_others_keep_receiving(
                         got += [f.envelope.id for f in frames_got]
                 assert got == sent
                 with anyio.fail_after(WAIT_S):
-                    while app.state.fanout.subscribers > 1:  # noqa: ASYNC110
+                    while app.state.web.fanout.subscribers > 1:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
             # The stalled response was ended (or its connection closed), after a part.
             received = await anyio.to_thread.run_sync(_read_to_end, stalled)

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stack import serving
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
-
 
 async def test_a_client_creates_updates_closes_and_archives_a_session(stack) -> None:
     c, auth = stack.client, stack.auth()

@@ -17,7 +17,7 @@ GROUP = "workers"
 
 
 def setup(settings, redis: Redis) -> tuple[Keys, Scripts, list[str]]:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     scripts = Scripts(redis)
     head = [keys.event_stream(SHARD), keys.lease(SHARD, "worker"), keys.command_stream(SHARD)]
     return keys, scripts, head

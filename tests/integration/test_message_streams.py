@@ -5,16 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from tests.pipeline import eventually
-from tests.stack import Stack, serving
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
+from tests.stack import Stack
 
 
 async def command(stack: Stack, type_name: str, payload: dict[str, Any], **headers: str) -> Any:

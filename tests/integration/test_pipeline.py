@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from projections import chat_sessions, db
-from projections.projection import QueryArgs
+from app.readmodels import chat_sessions
+from app.registry import SYSTEM
+from projections import db
+from projections.pagination import QueryArgs
 from tests.pipeline import ADMIN, eventually, running
 
 
@@ -60,16 +62,18 @@ async def test_a_crashing_handler_fails_its_command_and_the_shard_goes_on(
 ) -> None:
     import dataclasses
 
-    from app.contexts import COMMANDS, CommandType
     from app.contexts.chat_sessions import CONTEXT
+    from core.catalog import CommandType
 
     def broken(state, event):
         raise ZeroDivisionError("a bug")
 
-    close = COMMANDS["CloseChatSession"]
+    close = SYSTEM.catalog.commands["CloseChatSession"]
     crashing = dataclasses.replace(CONTEXT, evolve=broken)
     monkeypatch.setitem(
-        COMMANDS, "CloseChatSession", CommandType(close.name, crashing, close.cls, close.decoder)
+        SYSTEM.catalog.commands,
+        "CloseChatSession",
+        CommandType(close.name, crashing, close.cls, close.decoder),
     )
     async with running(settings, projector=False) as p:
         created = await p.submit(
@@ -92,7 +96,7 @@ async def test_a_process_with_another_shard_count_accepts_nothing(settings, redi
     import msgspec
     import pytest
 
-    from app.errors import Unavailable
+    from core.errors import Unavailable
     from streams.bus import check_layout
     from tests.pipeline import Pipeline
 

@@ -15,24 +15,19 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.contexts import BY_NAME, EVENTS
 from app.contexts.message_streams import MessageStreamStopped
 from app.contexts.tools import ToolRegistered
-from app.errors import ConfigurationError
-from app.messages import Envelope, Metadata
-from projections import PROJECTIONS, chat_sessions, tools
+from app.readmodels import chat_sessions, tools
+from app.registry import SYSTEM
+from core.errors import ConfigurationError
+from core.messages import Envelope, Metadata
 from projections.cache import Generations, QueryCache, generation
-from projections.projection import Cache, Invalidation, Projection, Query, QueryArgs
+from projections.pagination import QueryArgs
+from projections.projection import Cache, Invalidation, Projection, Query, check_invalidations
 from streams.connection import connect
 from streams.keys import Keys
 from tests.pipeline import eventually
 from tests.stack import Stack, serving
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
 
 
 async def run(stack: Stack, type_name: str, payload: dict[str, Any], tenant: str = "tenant-a"):
@@ -210,7 +205,7 @@ async def test_a_cached_answer_lives_for_its_ttl(stack: Stack, redis) -> None:
 
 
 async def test_an_expired_answer_is_read_again(settings, pool, redis) -> None:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     query = _short_lived(_query(tools.PROJECTION, "ListTools"), ttl_s=0.05)
     args = QueryArgs(tenant_id="tenant-a", path={}, params={})
     qc = QueryCache()
@@ -230,7 +225,7 @@ async def test_an_expired_answer_is_read_again(settings, pool, redis) -> None:
 async def test_with_redis_failing_queries_are_answered_from_postgres(
     settings, pool, redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = Keys.of(settings)
     query = _query(tools.PROJECTION, "ListTools")
     args = QueryArgs(tenant_id="tenant-a", path={}, params={})
     broken = connect("redis://127.0.0.1:1/0")  # nothing listens there
@@ -265,7 +260,7 @@ async def test_with_the_cache_off_nothing_is_cached(settings, schema, redis) -> 
 
 
 async def test_a_rebuild_forgets_every_tenants_answers(pool) -> None:
-    generations = Generations(PROJECTIONS)
+    generations = Generations(SYSTEM.projections)
     before = [await generation(pool, "ListTools", t, "") for t in ("a", "b")]
     async with pool.acquire() as conn:
         await generations.forget(conn, tools.PROJECTION)
@@ -279,7 +274,7 @@ async def test_a_rebuild_forgets_every_tenants_answers(pool) -> None:
 
 # -- the rules, without services -------------------------------------------------
 
-BY_PROJECTION = {p.name: p for p in PROJECTIONS}
+BY_PROJECTION = {p.name: p for p in SYSTEM.projections}
 
 NOT_INVALIDATING = {
     # a 404 is not cached, and nothing of a session but its existence is read
@@ -297,7 +292,7 @@ NOT_INVALIDATING = {
 def test_every_cached_query_names_every_event_of_the_tables_it_reads() -> None:
     """A new event in a context read by a cached query must be named by its rules,
     or listed here with the reason it changes no answer."""
-    cached = [(p, q) for p in PROJECTIONS for q in p.queries if q.cache is not None]
+    cached = [(p, q) for p in SYSTEM.projections for q in p.queries if q.cache is not None]
     assert {q.name for _, q in cached} >= {
         "ListChatSessionsByAgent",
         "ListTools",
@@ -308,10 +303,15 @@ def test_every_cached_query_names_every_event_of_the_tables_it_reads() -> None:
     for projection, query in cached:
         assert query.cache is not None
         readers = [projection, *(BY_PROJECTION[name] for name in query.also_from)]
-        projected = {e.__name__ for r in readers for c in r.contexts for e in BY_NAME[c].events}
+        projected = {
+            e.__name__
+            for r in readers
+            for c in r.contexts
+            for e in SYSTEM.catalog.by_name[c].events
+        }
         named = {e.__name__ for rule in query.cache.invalidated_by for e in rule.events}
         assert projected - named == NOT_INVALIDATING.get(query.name, set()), query.name
-    Generations(PROJECTIONS)  # and every rule passes the checks
+    Generations(SYSTEM.projections)  # and every rule passes the checks
 
 
 def _envelope(type_name: str, aggregate_id: str, session_id: str | None = None) -> Envelope:
@@ -319,7 +319,7 @@ def _envelope(type_name: str, aggregate_id: str, session_id: str | None = None) 
         id="e",
         type=type_name,
         schema_version=1,
-        context=EVENTS[type_name].context.name,
+        context=SYSTEM.catalog.events[type_name].context.name,
         aggregate_id=aggregate_id,
         aggregate_version=1,
         tenant_id="t",
@@ -332,7 +332,7 @@ def _envelope(type_name: str, aggregate_id: str, session_id: str | None = None) 
 
 
 def test_a_batch_moves_the_generations_its_rules_name() -> None:
-    generations = Generations(PROJECTIONS)
+    generations = Generations(SYSTEM.projections)
     streams = BY_PROJECTION["message_streams"]
     batch = [
         _envelope("StreamMessagePushed", "m1", "s1"),
@@ -356,7 +356,10 @@ def test_a_batch_moves_the_generations_its_rules_name() -> None:
 @pytest.mark.parametrize(
     ("cache_policy", "message"),
     [
-        (Cache(ttl_s=1, invalidated_by=(Invalidation((ToolRegistered,)),)), "is not projected"),
+        (
+            Cache(ttl_s=1, invalidated_by=(Invalidation((ToolRegistered,)),)),
+            "ToolRegistered not handled by",
+        ),
         (
             Cache(ttl_s=1, invalidated_by=(Invalidation((MessageStreamStopped,), lambda e: ()),)),
             "needs a Cache.scope",
@@ -368,7 +371,7 @@ def test_a_rule_that_could_not_work_is_refused(cache_policy: Cache, message: str
     query = dataclasses.replace(query, cache=cache_policy, also_from=("message_streams",))
     projection = dataclasses.replace(chat_sessions.PROJECTION, queries=(query,))
     with pytest.raises(ConfigurationError, match=message):
-        Generations([projection, BY_PROJECTION["message_streams"]])
+        check_invalidations([projection, BY_PROJECTION["message_streams"]])
 
 
 def _query(projection: Projection, name: str) -> Query:

@@ -10,9 +10,11 @@ import anyio
 import httpx
 
 from app.cli import main
-from projections import PROJECTIONS, db
-from projections.chat_sessions import PROJECTION as CHAT_SESSIONS
-from projections.rebuild import Rebuild, ensure_current, installed_version, rebuilder
+from app.readmodels.chat_sessions import PROJECTION as CHAT_SESSIONS
+from app.registry import SYSTEM
+from app.runtime import rebuilds
+from projections import db
+from projections.rebuild import Rebuild, ensure_current, installed_version
 from streams.connection import connect
 from tests.pipeline import Pipeline, eventually
 from tests.processes import environment
@@ -92,7 +94,7 @@ async def test_a_rebuild_under_load_answers_throughout_and_swaps_identical_rows(
             pool = await db.create_pool(settings.database_url, settings.db_schema)
             redis = connect(settings.redis_url)
             try:
-                make = rebuilder(pool, redis, stack_keys(stack), settings.db_schema, verify=True)
+                make = rebuilding_of(pool, redis, stack, verify=True)
                 report = await make(CHAT_SESSIONS).run()
             finally:
                 await pool.close()
@@ -118,10 +120,9 @@ async def test_a_rebuild_under_load_answers_throughout_and_swaps_identical_rows(
         assert closed == {s["session_id"] for s in before if s["status"] == "closed"}
 
 
-def stack_keys(stack: Stack) -> Any:
-    from streams.keys import Keys
-
-    return Keys(stack.settings.key_prefix, stack.settings.shards)
+def rebuilding_of(pool: db.Pool, redis: Any, stack: Stack, *, verify: bool = False) -> Any:
+    """The rebuilds `eddy rebuild` and `eddy projector` make, for `stack`'s deployment."""
+    return rebuilds(pool, redis, stack.settings, SYSTEM, verify=verify)
 
 
 async def test_a_new_declared_version_is_rebuilt_once_across_processes(settings, schema) -> None:
@@ -134,7 +135,7 @@ async def test_a_new_declared_version_is_rebuilt_once_across_processes(settings,
         assert await installed_version(pool, "chat_sessions") == 1
         bumped = dataclasses.replace(CHAT_SESSIONS, version=2)
         runs: list[Rebuild] = []
-        make = rebuilder(pool, redis, stack_keys(stack), settings.db_schema)
+        make = rebuilding_of(pool, redis, stack)
 
         def counted(projection: Any) -> Rebuild:
             runs.append(make(projection))
@@ -161,7 +162,7 @@ async def test_eddy_rebuild_on_the_command_line(settings, schema) -> None:
         assert len(await sessions(stack)) == 20
         code = await anyio.to_thread.run_sync(main, ["rebuild", "no_such_projection"], env)
         assert code == 2
-    assert {p.name for p in PROJECTIONS} >= {"chat_sessions", "archive"}
+    assert {p.name for p in SYSTEM.projections} >= {"chat_sessions", "archive"}
 
 
 async def test_the_projector_rebuilds_a_projection_whose_version_changed(settings, schema) -> None:

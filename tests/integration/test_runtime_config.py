@@ -16,20 +16,15 @@ from app.contexts.runtime_config import (
     decide,
     evolve,
 )
-from app.messages import Envelope, Issued, Metadata
-from projections import runtime_config
-from projections.projection import QueryArgs
-from tests.stack import Stack, serving
+from app.readmodels import runtime_config
+from app.registry import SYSTEM
+from core.messages import Envelope, Issued, Metadata
+from projections.pagination import QueryArgs
+from tests.stack import Stack
 
 ISSUED = Issued(
     command_id="c", tenant_id="tenant-a", actor="alice", roles=(), now=datetime.now(UTC)
 )
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
 
 
 async def command(
@@ -258,12 +253,14 @@ async def test_an_older_event_applied_again_changes_nothing(pool) -> None:
         envelopes.append(envelope(version, event))
     args = QueryArgs(tenant_id="tenant-a", path={"module": "plugins"}, params={})
     async with pool.acquire() as conn:
-        await runtime_config.apply(conn, envelopes)
+        await runtime_config.PROJECTION.project(conn, envelopes, SYSTEM.catalog)
         before = (
             await runtime_config.get_config(conn, args),
             await runtime_config.list_module_flags(conn, args),
         )
-        await runtime_config.apply(conn, [envelopes[1], envelopes[0], envelopes[2]])
+        await runtime_config.PROJECTION.project(
+            conn, [envelopes[1], envelopes[0], envelopes[2]], SYSTEM.catalog
+        )
         after = (
             await runtime_config.get_config(conn, args),
             await runtime_config.list_module_flags(conn, args),

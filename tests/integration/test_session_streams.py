@@ -10,10 +10,11 @@ import anyio
 import msgspec
 import pytest
 
-from app.messages import CommandRecord
-from app.reactions import session_streams, stop_command_id
+from app.process_managers import SESSION_STREAMS, stop_command_id
+from app.registry import SYSTEM
+from core.messages import CommandRecord
 from streams.bus import Accepted, CommandBus
-from streams.reactor import run_reactors
+from streams.process_managers import run_process_managers
 from tests.pipeline import ADMIN, Pipeline, eventually, running
 from tests.processes import fleet
 
@@ -75,10 +76,12 @@ async def test_a_process_manager_killed_half_way_stops_every_stream_once(setting
             assert (await p.outcome(accepted.command_id)).status == "processed"
             streams.append(accepted.aggregate_id)
 
-        bus = DyingBus(p.redis, p.scripts, p.keys, settings.command_ttl_s)
-        manager = session_streams(p.redis, p.keys, bus)
+        bus = DyingBus(p.redis, p.scripts, p.keys, settings.command_ttl_s, SYSTEM.catalog)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run_reactors, p.redis, p.scripts, p.keys, settings, [manager])
+            tg.start_soon(
+                run_process_managers,
+                *(p.redis, p.scripts, p.keys, settings, SYSTEM.catalog, [SESSION_STREAMS], bus),
+            )
             closed = await p.submit("CloseChatSession", {"session_id": session_id})
             assert (await p.outcome(closed.command_id)).status == "processed"
 
@@ -121,9 +124,11 @@ async def test_a_stream_started_as_its_session_closes_is_stopped(settings) -> No
         await p.outcome(closed.command_id)
         # Only now does the process manager run: both events are waiting for it,
         # in whatever order its shards deliver them.
-        manager = session_streams(p.redis, p.keys, p.bus)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run_reactors, p.redis, p.scripts, p.keys, settings, [manager])
+            tg.start_soon(
+                run_process_managers,
+                *(p.redis, p.scripts, p.keys, settings, SYSTEM.catalog, [SESSION_STREAMS]),
+            )
             stop_id = stop_command_id(ADMIN.tenant, accepted.aggregate_id)
 
             async def stopped() -> Any:

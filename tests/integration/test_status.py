@@ -11,9 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import main
-from app.messages import Envelope
-from projections import PROJECTIONS, db, status
-from projections.projection import Projection
+from app.contexts import chat_sessions
+from app.registry import SYSTEM
+from app.runtime import migrate
+from projections import db, status
+from projections.projection import Batch, Projection
 from projections.projector import ShardProjector
 from projections.status import ShardStatus
 from streams.connection import Redis, connect
@@ -25,7 +27,9 @@ from tests.pipeline import Pipeline, eventually, running
 from tests.stack import serving
 
 
-async def read(p: Pipeline, pool: db.Pool, projections: Any = PROJECTIONS) -> list[ShardStatus]:
+async def read(
+    p: Pipeline, pool: db.Pool, projections: Any = SYSTEM.projections
+) -> list[ShardStatus]:
     return await status.read(p.redis, pool, p.keys, projections)
 
 
@@ -52,7 +56,7 @@ async def test_lag_while_the_projector_is_stopped_and_none_once_it_caught_up(
         statuses = await read(p, pool)
     assert [(s.projection, s.context, s.shard) for s in statuses] == [
         (projection.name, context, n)
-        for projection in PROJECTIONS
+        for projection in SYSTEM.projections
         for context in projection.contexts
         for n in range(settings.shards)
     ]
@@ -103,14 +107,14 @@ async def test_a_failed_batch_is_recorded_until_the_shard_commits_again(
     await pool.execute("CREATE TABLE probe (event_id text PRIMARY KEY)")
     poisoned = True
 
-    async def apply_probe(conn: db.Connection, envelopes: list[Envelope]) -> None:
+    async def apply_probe(conn: db.Connection, batch: Batch) -> None:
         await conn.executemany(
-            "INSERT INTO probe (event_id) VALUES ($1)", [(e.id,) for e in envelopes]
+            "INSERT INTO probe (event_id) VALUES ($1)", [(e.id,) for e, _ in batch]
         )
         if poisoned:
             raise ZeroDivisionError("a poison batch")
 
-    probe = Projection(name="probe", contexts=("chat_sessions",), apply=apply_probe)
+    probe = Projection(name="probe", reads=(chat_sessions.CONTEXT,), events=None, apply=apply_probe)
     async with running(settings, projector=False) as p:
         await create_sessions(p, 6)
         lengths = {
@@ -118,7 +122,7 @@ async def test_a_failed_batch_is_recorded_until_the_shard_commits_again(
         }
     shard = max(lengths, key=lambda s: lengths[s])
     entries = await redis.xrange(p.keys.event_stream(shard))
-    projector = ShardProjector(pool, probe, shard)
+    projector = ShardProjector(pool, probe, shard, SYSTEM.catalog)
 
     with pytest.raises(ZeroDivisionError):
         await projector.handle(entries)
@@ -199,7 +203,7 @@ async def test_metrics_exposes_the_lag_gauges(settings, schema) -> None:
         behind = await scrape()
         every = {
             (p.name, c, str(n))
-            for p in PROJECTIONS
+            for p in SYSTEM.projections
             for c in p.contexts
             for n in range(settings.shards)
         }
@@ -229,7 +233,7 @@ async def test_metrics_exposes_the_lag_gauges(settings, schema) -> None:
 async def test_lag_on_a_redis_cluster(redis_cluster_url: str, database_url: str) -> None:
     """The same reads on a Redis Cluster: the pipelines span several slots and nodes."""
     settings = fresh_settings(redis_cluster_url, database_url)
-    await db.migrate(settings.database_url, settings.db_schema)
+    await migrate(settings, SYSTEM)
     redis = connect(settings.redis_url)
     pool = await db.create_pool(settings.database_url, settings.db_schema)
     try:

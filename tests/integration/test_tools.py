@@ -8,15 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.stack import Stack, serving
+from tests.stack import Stack
 
 SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
 
 
 async def command(

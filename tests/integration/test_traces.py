@@ -8,13 +8,7 @@ import httpx
 import pytest
 
 from tests.pipeline import eventually
-from tests.stack import Stack, serving
-
-
-@pytest.fixture
-async def stack(settings, schema):
-    async with serving(settings) as s:
-        yield s
+from tests.stack import Stack
 
 
 async def send(stack: Stack, command: str, payload: dict[str, Any], **auth: Any) -> httpx.Response:

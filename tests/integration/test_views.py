@@ -14,29 +14,34 @@ import anyio
 import msgspec
 import pytest
 
-from app.contexts import BY_NAME
-from app.contexts.chat_sessions import ChatSessionClosed, ChatSessionCreated
-from app.messages import Envelope
-from app.settings import Settings
-from projections import PROJECTIONS, VIEWS, chat_sessions, db, views
-from projections.chat_sessions import CHAT_SESSION_SUMMARIES
+from app.contexts.chat_sessions import (
+    ChatSessionArchived,
+    ChatSessionClosed,
+    ChatSessionCreated,
+    ChatSessionParticipantsUpdated,
+)
+from app.readmodels import chat_sessions
+from app.readmodels.chat_sessions import CHAT_SESSION_SUMMARIES
+from app.readmodels.tools import TOOL_USAGE
+from app.registry import SYSTEM
+from core.messages import Envelope
+from core.settings import Settings
+from projections import db, views
 from projections.projection import Projection
 from projections.projector import Hooks, run_projector
-from projections.tools import TOOL_USAGE
-from projections.views import Refresher, View, event_types
+from projections.views import Refresher, View
 from streams.connection import Redis
 from streams.keys import Shard
 from streams.positions import parse_event_position
 from tests.pipeline import eventually, running
-from tests.stack import Stack, serving
+from tests.stack import Stack
 
 BASE = datetime.fromisoformat("2026-11-25T10:00:00+00:00")
 
 
 @pytest.fixture
-async def stack(settings, schema):
-    async with serving(msgspec.structs.replace(settings, view_debounce_s=0.05)) as s:
-        yield s
+def stack_settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(settings, view_debounce_s=0.05)
 
 
 class Writer:
@@ -313,7 +318,7 @@ async def test_tool_usage_after_a_burst(stack: Stack) -> None:
 
 
 def _positions(settings: Settings, positions: Iterable[str]) -> list[tuple[Shard, tuple[int, int]]]:
-    return [parse_event_position(p, BY_NAME, settings.shards) for p in positions]
+    return [parse_event_position(p, SYSTEM.catalog.by_name, settings.shards) for p in positions]
 
 
 async def _reflected(pool: db.Pool, view: View, at: list[tuple[Shard, tuple[int, int]]]) -> bool:
@@ -343,7 +348,7 @@ def _session(i: int) -> dict[str, Any]:
 async def test_refreshes_are_debounced(settings: Settings, schema: str, redis: Redis) -> None:
     debounce_s = 0.1
     pool = await db.create_pool(settings.database_url, schema)
-    refresher = Refresher(pool, VIEWS, debounce_s=debounce_s)
+    refresher = Refresher(pool, SYSTEM.views, debounce_s=debounce_s)
     batches = 0
 
     async def count(projection: Projection, shard: Shard, envelopes: list[Envelope]) -> None:
@@ -356,7 +361,15 @@ async def test_refreshes_are_debounced(settings: Settings, schema: str, redis: R
         async with running(settings, projector=False) as p, anyio.create_task_group() as tg:
             tg.start_soon(refresher.run)
             tg.start_soon(
-                run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS, hooks
+                run_projector,
+                redis,
+                p.scripts,
+                p.keys,
+                settings,
+                pool,
+                SYSTEM.catalog,
+                SYSTEM.projections,
+                hooks,
             )
             started = anyio.current_time()
             for i in range(120):  # one command at a time: about one batch each
@@ -392,15 +405,16 @@ async def test_two_refreshers_never_refresh_a_view_at_once(
         select="SELECT tenant_id, session_id, status FROM chat_sessions"
         " WHERE (SELECT pg_sleep(0.1)::text) = ''",
         unique=("tenant_id", "session_id"),
-        stale_on=event_types(ChatSessionCreated, ChatSessionClosed),
+        stale_on=(ChatSessionCreated, ChatSessionClosed),
         reads=(chat_sessions.PROJECTION,),
+        unaffected_by=(ChatSessionParticipantsUpdated, ChatSessionArchived),
     )
     pools = [await db.create_pool(settings.database_url, schema) for _ in range(3)]
     watcher = pools[2]
     async with watcher.acquire() as conn, conn.transaction():
         assert await views.install(conn, [slow]) == [f"view {slow.name}"]
     refreshers = [
-        Refresher(pool, (*VIEWS, slow), debounce_s=0.02, sweep_s=0.1) for pool in pools[:2]
+        Refresher(pool, (*SYSTEM.views, slow), debounce_s=0.02, sweep_s=0.1) for pool in pools[:2]
     ]
     most = 0
 
@@ -429,7 +443,8 @@ async def test_two_refreshers_never_refresh_a_view_at_once(
                     p.keys,
                     settings,
                     refresher.pool,
-                    PROJECTIONS,
+                    SYSTEM.catalog,
+                    SYSTEM.projections,
                     hooks,
                 )
 
@@ -474,13 +489,21 @@ async def test_an_event_the_view_ignores_needs_no_refresh(
     settings: Settings, schema: str, redis: Redis
 ) -> None:
     pool = await db.create_pool(settings.database_url, schema)
-    refresher = Refresher(pool, VIEWS, debounce_s=0)  # refreshes only when told here
+    refresher = Refresher(pool, SYSTEM.views, debounce_s=0)  # refreshes only when told here
     hooks = Hooks(in_transaction=[refresher.record_changes], on_commit=[refresher.mark])
-    tools = next(projection for projection in PROJECTIONS if projection.name == "tools")
+    tools = next(projection for projection in SYSTEM.projections if projection.name == "tools")
     try:
         async with running(settings, projector=False) as p, anyio.create_task_group() as tg:
             tg.start_soon(
-                run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS, hooks
+                run_projector,
+                redis,
+                p.scripts,
+                p.keys,
+                settings,
+                pool,
+                SYSTEM.catalog,
+                SYSTEM.projections,
+                hooks,
             )
 
             async def projected(type_name: str, payload: dict[str, Any]) -> list[Any]:
@@ -523,8 +546,8 @@ async def test_a_view_is_created_again_when_its_tables_are_swapped(pool: db.Pool
             " runtime_hints, guardrails, active, created_at, updated_at, version)"
             " VALUES ('t', 'old', 'old', '', '{}', '{}', '{}', true, now(), now(), 1)"
         )
-    assert await Refresher(pool, VIEWS, debounce_s=0).refresh(TOOL_USAGE)
-    tools = next(projection for projection in PROJECTIONS if projection.name == "tools")
+    assert await Refresher(pool, SYSTEM.views, debounce_s=0).refresh(TOOL_USAGE)
+    tools = next(projection for projection in SYSTEM.projections if projection.name == "tools")
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(f"CREATE SCHEMA {old}")
         await conn.execute(f"ALTER TABLE tools SET SCHEMA {old}")
@@ -534,14 +557,14 @@ async def test_a_view_is_created_again_when_its_tables_are_swapped(pool: db.Pool
             " runtime_hints, guardrails, active, created_at, updated_at, version)"
             " VALUES ('t', 'new', 'new', '', '{}', '{}', '{}', true, now(), now(), 1)"
         )
-        await views.recreate(conn, tools)
+        await views.recreate(conn, tools, SYSTEM.views)
         await conn.execute(f"DROP SCHEMA {old} CASCADE")
     assert [r["tool_id"] for r in await pool.fetch("SELECT tool_id FROM tool_usage")] == ["new"]
-    assert await Refresher(pool, VIEWS, debounce_s=0).refresh(TOOL_USAGE)
+    assert await Refresher(pool, SYSTEM.views, debounce_s=0).refresh(TOOL_USAGE)
     installed = await pool.fetch(
         "SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()"
     )
-    assert {r["matviewname"] for r in installed} == {v.name for v in VIEWS}
+    assert {r["matviewname"] for r in installed} == {v.name for v in SYSTEM.views}
 
 
 async def test_a_lost_mark_is_found_by_the_sweep(
@@ -550,14 +573,22 @@ async def test_a_lost_mark_is_found_by_the_sweep(
     """A projector that committed changes but died before its refresher heard of
     them: another process's refresher finds them in `eddy_view_changes`."""
     pool = await db.create_pool(settings.database_url, schema)
-    committer = Refresher(pool, VIEWS, debounce_s=0)  # records changes, never refreshes
-    survivor = Refresher(pool, VIEWS, debounce_s=0.01, sweep_s=0.1)  # never marked
+    committer = Refresher(pool, SYSTEM.views, debounce_s=0)  # records changes, never refreshes
+    survivor = Refresher(pool, SYSTEM.views, debounce_s=0.01, sweep_s=0.1)  # never marked
     hooks = Hooks(in_transaction=[committer.record_changes])
     last: dict[str, str] = {}
     try:
         async with running(settings, projector=False) as p, anyio.create_task_group() as tg:
             tg.start_soon(
-                run_projector, redis, p.scripts, p.keys, settings, pool, PROJECTIONS, hooks
+                run_projector,
+                redis,
+                p.scripts,
+                p.keys,
+                settings,
+                pool,
+                SYSTEM.catalog,
+                SYSTEM.projections,
+                hooks,
             )
             tg.start_soon(survivor.run)
             for i in range(10):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
-import pytest
 from anyio.abc import SocketAttribute
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
@@ -18,7 +16,7 @@ from websockets.frames import Frame as WsFrame
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from app.settings import Settings
+from core.settings import Settings
 from streams.connection import Redis
 from tests.feeds import event, keys_of
 from tests.pipeline import Pipeline, eventually
@@ -26,12 +24,6 @@ from tests.sockets import Client, Frame, closed_with, opened, ws_url
 from tests.stack import Stack, serving
 
 WAIT_S = 10
-
-
-@pytest.fixture
-async def stack(settings: Settings, schema: str) -> AsyncIterator[Stack]:
-    async with serving(settings) as s:
-        yield s
 
 
 def create(agent_id: str = "agent-1") -> Frame:

@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from app.auth import issue_token, verify_token
-from app.errors import Unauthenticated
+from core.errors import Unauthenticated
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 

@@ -22,8 +22,8 @@ from app.contexts.chat_sessions import (
     decide,
     evolve,
 )
-from app.errors import Rejected
-from app.messages import Issued
+from core.errors import Rejected
+from core.messages import Issued
 
 ISSUED = Issued(command_id="c1", tenant_id="t", actor="u", roles=("agent",), now=datetime.now(UTC))
 

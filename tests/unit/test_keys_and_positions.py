@@ -7,8 +7,8 @@ import string
 import pytest
 from redis.crc import key_slot
 
-from app.contexts import BY_NAME
-from app.errors import BadPosition
+from app.registry import SYSTEM
+from core.errors import BadPosition
 from streams.keys import Keys, Shard
 from streams.positions import (
     decode_cursor,
@@ -47,17 +47,17 @@ def test_ids_with_separators_cannot_collide() -> None:
 def test_event_positions_round_trip_and_reject_foreign_tokens() -> None:
     shard = Shard("chat_sessions", 3)
     token = event_position(shard, "1700000000000-5")
-    assert parse_event_position(token, BY_NAME, 4) == (shard, (1700000000000, 5))
+    assert parse_event_position(token, SYSTEM.catalog.by_name, 4) == (shard, (1700000000000, 5))
     for bad in ("garbage", "chat_sessions.9.1-0", "nope.1.1-0", "chat_sessions.1.x-y"):
         with pytest.raises(BadPosition):
-            parse_event_position(bad, BY_NAME, 4)
+            parse_event_position(bad, SYSTEM.catalog.by_name, 4)
 
 
 def test_cursors_round_trip() -> None:
     cursor = {Shard("chat_sessions", 0): (5, 1), Shard("chat_sessions", 1): (0, 0)}
-    assert decode_cursor(encode_cursor(cursor), BY_NAME, 4) == cursor
+    assert decode_cursor(encode_cursor(cursor), SYSTEM.catalog.by_name, 4) == cursor
     sparse = {Shard("chat_sessions", 3): (1795618196695, 36)}
-    assert decode_cursor(encode_cursor(sparse), BY_NAME, 4) == sparse
+    assert decode_cursor(encode_cursor(sparse), SYSTEM.catalog.by_name, 4) == sparse
     assert parse_entry_id("12-3") < parse_entry_id("12-10") < parse_entry_id("13-0")
 
 
@@ -86,4 +86,4 @@ def test_feed_tokens_are_compact_and_need_no_escaping() -> None:
 )
 def test_foreign_feed_tokens_are_refused(token: str) -> None:
     with pytest.raises(BadPosition):
-        decode_cursor(token, BY_NAME, 4)
+        decode_cursor(token, SYSTEM.catalog.by_name, 4)

@@ -21,8 +21,8 @@ from app.contexts.message_streams import (
     decide,
     evolve,
 )
-from app.errors import Rejected
-from app.messages import Issued
+from core.errors import Rejected
+from core.messages import Issued
 
 OPEN = ChatSession(
     status="active",

@@ -25,8 +25,8 @@ from app.contexts.runtime_config import (
     diff,
     evolve,
 )
-from app.errors import Rejected
-from app.messages import DEFAULT_ROLES, Issued
+from core.errors import Rejected
+from core.messages import DEFAULT_ROLES, Issued
 
 ISSUED = Issued(command_id="c1", tenant_id="t", actor="u", roles=("user",), now=datetime.now(UTC))
 

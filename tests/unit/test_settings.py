@@ -6,8 +6,8 @@ import pytest
 
 from app.auth import verify_token
 from app.cli import main
-from app.errors import ConfigurationError
-from app.settings import Settings
+from core.errors import ConfigurationError
+from core.settings import Settings
 
 
 def test_standard_and_eddy_variables_are_read_and_typed() -> None:

@@ -20,8 +20,8 @@ from app.contexts.tools import (
     decide,
     evolve,
 )
-from app.errors import Rejected
-from app.messages import Issued
+from core.errors import Rejected
+from core.messages import Issued
 
 ISSUED = Issued(command_id="c1", tenant_id="t", actor="u", roles=("admin",), now=datetime.now(UTC))
 SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}

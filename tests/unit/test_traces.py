@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from app.contexts import COMMANDS
 from app.contexts.traces import (
     AppendTraceSpan,
     FinalizeTrace,
@@ -21,8 +20,9 @@ from app.contexts.traces import (
     evolve,
     session_of,
 )
-from app.errors import Rejected
-from app.messages import Issued
+from app.registry import SYSTEM
+from core.errors import Rejected
+from core.messages import Issued
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 ISSUED = Issued(command_id="c1", tenant_id="t", actor="u", roles=("agent",), now=NOW)
@@ -124,7 +124,7 @@ def test_a_trace_holds_a_bounded_number_of_spans(monkeypatch: pytest.MonkeyPatch
 def test_ended_before_started_is_invalid() -> None:
     with pytest.raises(ValueError, match="ended_at is before started_at"):
         span("x", ended_at=NOW - timedelta(seconds=1))
-    decoder = COMMANDS["AppendTraceSpan"].decoder
+    decoder = SYSTEM.catalog.commands["AppendTraceSpan"].decoder
     payload = {"trace_id": "t1", "span_id": "x", "name": "n", "started_at": NOW.isoformat()}
     with pytest.raises(msgspec.ValidationError, match="ended_at is before started_at"):
         decoder.decode(msgspec.json.encode(payload | {"ended_at": "2024-12-31T00:00:00Z"}))

@@ -9,26 +9,20 @@ batch instead of once per chunk. Every write is guarded by the aggregate version
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import assert_never
 
-from app.contexts import EVENTS
+from app.contexts import message_streams
 from app.contexts.message_streams import (
     MessageStreamStarted,
     MessageStreamStopped,
     StreamMessagePushed,
 )
-from app.messages import Envelope
+from core.messages import Envelope
 from projections.db import Connection
-from projections.projection import (
-    Answer,
-    Keyset,
-    Projection,
-    Query,
-    QueryArgs,
-    Statements,
-    one,
-    tables,
-)
+from projections.pagination import Keyset, QueryArgs
+from projections.projection import Answer, Projection, Query, Statements, one, tables
 
 COLUMNS = (
     "stream_id, session_id, participant_id, status, chunk_count, text, stop_reason,"
@@ -86,7 +80,10 @@ class _Run:
         )
 
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+Handled = MessageStreamStarted | StreamMessagePushed | MessageStreamStopped
+
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
     statements = Statements()
     runs: dict[tuple[str, str], _Run] = {}
 
@@ -95,9 +92,8 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
         if run is not None:
             run.write(statements)
 
-    for env in envelopes:
+    for env, event in batch:
         key = (env.tenant_id, env.aggregate_id)
-        event = EVENTS[env.type].decoder.decode(env.payload)
         match event:
             case MessageStreamStarted():
                 statements.add(
@@ -122,6 +118,8 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
                     env.aggregate_version,
                 )
                 statements.add(TRANSCRIBE, env.tenant_id, env.aggregate_id)
+            case _:
+                assert_never(event)
     for key in list(runs):
         flush(key)
     await statements.execute(conn)
@@ -144,9 +142,10 @@ async def list_streams(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="message_streams",
-    tables=tables("message_streams"),
-    contexts=("message_streams",),
+    reads=(message_streams.CONTEXT,),
+    events=Handled,
     apply=apply,
+    tables=tables("app.readmodels", "message_streams"),
     queries=(
         Query("ListActiveStreams", "/v1/message-streams", list_streams),
         Query("GetStreamState", "/v1/message-streams/{stream_id}", get_stream),

@@ -1,4 +1,6 @@
-"""The process manager between chat sessions and message streams: when a session
+"""The agent platform's process managers (`streams/process_managers.py`).
+
+`SESSION_STREAMS`, between chat sessions and message streams: when a session
 closes, its active message streams are stopped, by `StopMessageStream` commands
 (contexts never write to each other).
 
@@ -26,14 +28,14 @@ from typing import Any
 
 import msgspec
 
-from app.contexts import COMMANDS, EVENTS
+from app.contexts import chat_sessions, message_streams
 from app.contexts.chat_sessions import ChatSession
 from app.contexts.message_streams import MessageStreamStarted, MessageStreamStopped
-from app.messages import CommandRecord, Envelope, derived_id, utcnow
+from core.messages import CommandRecord, Envelope, derived_id, utcnow
 from streams.bus import CommandBus
 from streams.connection import Redis
 from streams.keys import Keys
-from streams.reactor import Reactor
+from streams.process_managers import ProcessManager, React
 
 log = logging.getLogger("eddy.reactions")
 
@@ -42,6 +44,8 @@ STOP_REASON = "session_closed"
 
 _encoder = msgspec.json.Encoder()
 _session_decoder = msgspec.json.Decoder(ChatSession)
+_started_decoder = msgspec.json.Decoder(MessageStreamStarted)
+_stopped_decoder = msgspec.json.Decoder(MessageStreamStopped)
 
 
 def stop_command_id(tenant_id: str, stream_id: str) -> str:
@@ -49,8 +53,8 @@ def stop_command_id(tenant_id: str, stream_id: str) -> str:
     return derived_id(tenant_id, f"stop-with-session\x00{stream_id}")
 
 
-def session_streams(redis: Redis, keys: Keys, bus: CommandBus) -> Reactor:
-    """The process manager, as a reactor over both contexts' events."""
+def _session_streams(redis: Redis, keys: Keys, bus: CommandBus) -> React:
+    """The reaction of `SESSION_STREAMS`, bound to a process's clients."""
 
     async def stop(cause: Envelope, session_id: str, stream_ids: list[str]) -> None:
         for stream_id in stream_ids:
@@ -68,20 +72,19 @@ def session_streams(redis: Redis, keys: Keys, bus: CommandBus) -> Reactor:
                     _encoder.encode({"stream_id": stream_id, "reason": STOP_REASON})
                 ),
             )
-            shard = keys.shard_of(COMMANDS[record.type].context.name, cause.tenant_id, stream_id)
+            shard = keys.shard_of(message_streams.CONTEXT.name, cause.tenant_id, stream_id)
             await bus.submit(record, shard)
             log.info("stream-stop-issued session=%s stream=%s", session_id, stream_id)
 
     async def session_open(tenant_id: str, session_id: str) -> bool:
-        shard = keys.shard_of("chat_sessions", tenant_id, session_id)
+        shard = keys.shard_of(chat_sessions.CONTEXT.name, tenant_id, session_id)
         raw: Any = await redis.hget(keys.aggregate(shard, tenant_id, session_id), "state")
         return raw is not None and _session_decoder.decode(raw).status == "active"
 
     async def react(env: Envelope) -> None:
         match env.type:
             case "MessageStreamStarted":
-                started = EVENTS[env.type].decoder.decode(env.payload)
-                assert isinstance(started, MessageStreamStarted)
+                started = _started_decoder.decode(env.payload)
                 members = keys.session_streams(env.tenant_id, started.session_id)
                 await redis.sadd(members, started.stream_id)
                 if not await session_open(env.tenant_id, started.session_id):
@@ -91,14 +94,15 @@ def session_streams(redis: Redis, keys: Keys, bus: CommandBus) -> Reactor:
                 found: Any = await redis.smembers(members)
                 await stop(env, env.aggregate_id, sorted(m.decode() for m in found))
             case "MessageStreamStopped":
-                stopped = EVENTS[env.type].decoder.decode(env.payload)
-                assert isinstance(stopped, MessageStreamStopped)
+                stopped = _stopped_decoder.decode(env.payload)
                 members = keys.session_streams(env.tenant_id, stopped.session_id)
                 await redis.srem(members, stopped.stream_id)
 
-    return Reactor("session-streams", ("chat_sessions", "message_streams"), react)
+    return react
 
 
-def reactors(redis: Redis, keys: Keys, bus: CommandBus) -> list[Reactor]:
-    """Every process manager; `eddy worker` runs them beside the command workers."""
-    return [session_streams(redis, keys, bus)]
+SESSION_STREAMS = ProcessManager(
+    "session-streams",
+    (chat_sessions.CONTEXT.name, message_streams.CONTEXT.name),
+    _session_streams,
+)

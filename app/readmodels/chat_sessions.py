@@ -6,10 +6,11 @@ the checkpoint already prevents) would change nothing either.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
-from app.contexts import EVENTS
+from app.contexts import chat_sessions
 from app.contexts.chat_sessions import (
     ChatSessionArchived,
     ChatSessionClosed,
@@ -21,22 +22,21 @@ from app.contexts.message_streams import (
     MessageStreamStopped,
     StreamMessagePushed,
 )
-from app.messages import Envelope
-from projections import message_streams
+from app.readmodels import message_streams
+from core.messages import Envelope
 from projections.db import Connection
+from projections.pagination import Keyset, QueryArgs
 from projections.projection import (
     Answer,
     Cache,
     Invalidation,
-    Keyset,
     Projection,
     Query,
-    QueryArgs,
     Statements,
     one,
     tables,
 )
-from projections.views import View, event_types
+from projections.views import View
 
 COLUMNS = (
     "session_id, agent_id, status, participants, metadata, routing, close_reason,"
@@ -54,11 +54,14 @@ CREATE = (
     " ON CONFLICT DO NOTHING"
 )
 
+Handled = (
+    ChatSessionCreated | ChatSessionParticipantsUpdated | ChatSessionClosed | ChatSessionArchived
+)
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
     statements = Statements()
-    for env in envelopes:
-        event = EVENTS[env.type].decoder.decode(env.payload)
+    for env, event in batch:
         match event:
             case ChatSessionCreated():
                 statements.add(
@@ -78,6 +81,8 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
                 _update(statements, env, "status = 'closed', close_reason = $4", event.reason)
             case ChatSessionArchived():
                 _update(statements, env, "status = 'archived'")
+            case _:
+                assert_never(event)
     await statements.execute(conn)
 
 
@@ -134,9 +139,10 @@ def _session_of(env: Envelope) -> tuple[str] | None:
 
 PROJECTION = Projection(
     name="chat_sessions",
-    tables=tables("chat_sessions"),
-    contexts=("chat_sessions",),
+    reads=(chat_sessions.CONTEXT,),
+    events=Handled,
     apply=apply,
+    tables=tables("app.readmodels", "chat_sessions"),
     queries=(
         Query(
             "ListChatSessionsByAgent",
@@ -167,6 +173,14 @@ PROJECTION = Projection(
                 ttl_s=60,
                 scope=lambda args: args.path["session_id"],
                 invalidated_by=(Invalidation((MessageStreamStopped,), scopes=_session_of),),
+                unaffected_by=(
+                    ChatSessionCreated,  # a 404 is not cached
+                    ChatSessionParticipantsUpdated,
+                    ChatSessionClosed,
+                    ChatSessionArchived,
+                    MessageStreamStarted,  # a block is written when its stream stops
+                    StreamMessagePushed,
+                ),
             ),
         ),
     ),
@@ -218,7 +232,7 @@ LEFT JOIN (
 GROUP BY s.tenant_id, s.agent_id
 """,
     unique=("tenant_id", "agent_id"),
-    stale_on=event_types(
+    stale_on=(
         ChatSessionCreated,
         ChatSessionParticipantsUpdated,  # moves the session's updated_at
         ChatSessionClosed,

@@ -1,29 +1,14 @@
-"""What a web process holds while it runs: clients, the bus, the fan-out, metrics."""
+"""The web process's Prometheus metrics (`/metrics`), in a registry of its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.responses import Response
 
-from app.settings import Settings
-from projections.db import Pool
 from projections.status import StatusCollector
-from streams.bus import CommandBus
-from streams.connection import Redis, Scripts
-from streams.keys import Keys
-
-if TYPE_CHECKING:
-    from streams.fanout import Fanout
-
-_encoder = msgspec.json.Encoder()
 
 
 class Metrics:
-    """The web process's Prometheus metrics, in a registry of its own."""
+    """Every metric of one web process."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -61,23 +46,3 @@ class Metrics:
             ["query", "outcome"],
             registry=self.registry,
         )
-
-
-@dataclass
-class Services:
-    settings: Settings
-    keys: Keys
-    redis: Redis
-    scripts: Scripts
-    bus: CommandBus
-    pool: Pool
-    fanout: Fanout
-    metrics: Metrics
-
-
-def json_response(
-    content: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        _encoder.encode(content), status_code=status, headers=headers, media_type="application/json"
-    )

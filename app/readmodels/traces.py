@@ -9,27 +9,26 @@ bring them back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
-from app.contexts import EVENTS
+from app.contexts import traces
 from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
-from app.messages import Envelope
+from core.messages import Envelope
 from projections.db import Connection
+from projections.pagination import Keyset, QueryArgs
 from projections.projection import (
     Answer,
     Cache,
     Invalidation,
-    Keyset,
     Projection,
     Query,
-    QueryArgs,
     Statements,
     one,
     tables,
 )
-from projections.views import View, event_types
+from projections.views import View
 
 TRACE_COLUMNS = (
     "trace_id, session_id, status, span_count, started_at, finalized_at,"
@@ -69,10 +68,12 @@ PURGE = (
 )
 
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+Handled = TraceSpanAppended | TraceFinalized | TracePurged
+
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
     statements = Statements()
-    for env in envelopes:
-        event = EVENTS[env.type].decoder.decode(env.payload)
+    for env, event in batch:
         match event:
             case TraceSpanAppended():
                 statements.add(
@@ -96,6 +97,8 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
                 )
             case TracePurged():
                 statements.add(PURGE, env.tenant_id, event.trace_id, env.aggregate_version)
+            case _:
+                assert_never(event)
     await statements.execute(conn)
 
 
@@ -144,9 +147,10 @@ def _lists_of(env: Envelope) -> tuple[str, ...]:
 
 PROJECTION = Projection(
     name="traces",
-    tables=tables("traces"),
-    contexts=("traces",),
+    reads=(traces.CONTEXT,),
+    events=Handled,
     apply=apply,
+    tables=tables("app.readmodels", "traces"),
     queries=(
         Query(
             "ListTracesForSession",
@@ -226,7 +230,7 @@ WHERE t.session_id IS NOT NULL
 GROUP BY t.tenant_id, t.session_id
 """,
     unique=("tenant_id", "session_id"),
-    stale_on=event_types(TraceSpanAppended, TraceFinalized, TracePurged),
+    stale_on=(TraceSpanAppended, TraceFinalized, TracePurged),
     reads=(PROJECTION,),
     queries=(
         Query(

@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from app.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):

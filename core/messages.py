@@ -3,18 +3,23 @@ every context's commands, events and aggregate states.
 
 All are frozen, kw-only msgspec Structs. Schema evolution follows msgspec's rules:
 a new field gets a default, an annotation never changes; an incompatible change
-bumps the event's `schema_version` and adds an upcaster.
+bumps the event's `schema_version` and adds an upcaster (`core/catalog.py`).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import msgspec
+
+from core.errors import BadRequest
+
+Upcaster = Callable[[Any], Any]
+"""Turns an event's payload (a decoded JSON object) of one `schema_version` into the next."""
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -22,9 +27,14 @@ class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """Base of every event payload. The class name is the event type."""
+    """Base of every event payload. The class name is the event type.
+
+    An incompatible change raises `schema_version` and adds, for every older
+    version `v`, `upcasters[v]`: a version-`v` payload to a version-`v + 1` one.
+    """
 
     schema_version: ClassVar[int] = 1
+    upcasters: ClassVar[Mapping[int, Upcaster]] = {}
 
 
 class State(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,11 +124,14 @@ class Context:
     """`(context, aggregate_id)` whose current state `decide` needs (as `issued.related`).
 
     Read when the command is decided; it can change right after, so a rule that
-    must hold afterwards needs a process manager as well (see `app/reactions.py`)."""
+    must hold afterwards needs a process manager as well (see `app/process_managers.py`)."""
     unique: Callable[[Any], tuple[str, str] | None] | None = None
     """`(scope, value)` that must be unique in the tenant (a tool's name): the worker
     reserves it for the command before deciding, refuses the command with
     `<scope>_taken` if another command holds it, and frees it if the command fails."""
+    sessions: bool = False
+    """Its aggregates are the sessions of `session/<id>` feed topics: a topic gets the
+    session's own events, and every event whose `metadata.session_id` names it."""
 
     def allowed_roles(self, command_type: str) -> frozenset[str]:
         return self.roles.get(command_type, DEFAULT_ROLES)
@@ -126,6 +139,21 @@ class Context:
 
 DEFAULT_ROLES = frozenset({"admin", "agent", "user"})
 ROLES = frozenset({"admin", "agent", "user", "observer"})
+
+MAX_ID_LENGTH = 128
+"""The longest id a client may choose: a command id, a topic's aggregate id."""
+
+
+def check_id(value: str, name: str) -> str:
+    """A client's id (`Idempotency-Key`, `X-Correlation-ID`, a WebSocket command's
+    `id`): 1 to `MAX_ID_LENGTH` characters and no NUL, which would reach Postgres
+    in every event's metadata (and stop the projections there)."""
+    if not 0 < len(value) <= MAX_ID_LENGTH:
+        raise BadRequest(f"{name} must be 1 to {MAX_ID_LENGTH} characters")
+    if "\x00" in value:
+        raise BadRequest(f"{name} holds a NUL character (\\u0000)")
+    return value
+
 
 ID_NAMESPACE = uuid.UUID("5b0c3a52-3f51-4e0b-9a43-6e6479000001")
 

@@ -7,25 +7,27 @@ Every write is guarded by the aggregate version, like the chat-sessions projecti
 
 from __future__ import annotations
 
-from app.contexts import EVENTS
+from collections.abc import Sequence
+from typing import assert_never
+
+from app.contexts import tools
 from app.contexts.tools import ToolDeactivated, ToolRegistered, ToolUpdated
-from app.contexts.traces import TracePurged, TraceSpanAppended
-from app.messages import Envelope
-from projections import traces
+from app.contexts.traces import TraceFinalized, TracePurged, TraceSpanAppended
+from app.readmodels import traces
+from core.messages import Envelope
 from projections.db import Connection
+from projections.pagination import Keyset, QueryArgs
 from projections.projection import (
     Answer,
     Cache,
     Invalidation,
-    Keyset,
     Projection,
     Query,
-    QueryArgs,
     Statements,
     one,
     tables,
 )
-from projections.views import View, event_types
+from projections.views import View
 
 COLUMNS = (
     "tool_id, name, description, input_schema, runtime_hints, guardrails, active,"
@@ -51,10 +53,12 @@ DEACTIVATE = (
 )
 
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+Handled = ToolRegistered | ToolUpdated | ToolDeactivated
+
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
     statements = Statements()
-    for env in envelopes:
-        event = EVENTS[env.type].decoder.decode(env.payload)
+    for env, event in batch:
         match event:
             case ToolRegistered():
                 statements.add(
@@ -90,6 +94,8 @@ async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
                     env.occurred_at,
                     env.aggregate_version,
                 )
+            case _:
+                assert_never(event)
     await statements.execute(conn)
 
 
@@ -110,9 +116,10 @@ def _active(args: QueryArgs) -> dict[str, bool | None]:
 
 PROJECTION = Projection(
     name="tools",
-    tables=tables("tools"),
-    contexts=("tools",),
+    reads=(tools.CONTEXT,),
+    events=Handled,
     apply=apply,
+    tables=tables("app.readmodels", "tools"),
     queries=(
         Query(
             "ListTools",
@@ -163,7 +170,11 @@ LEFT JOIN (
 """,
     unique=("tenant_id", "tool_id"),
     indexes=(("tenant_id", "name", "tool_id"),),
-    stale_on=event_types(ToolRegistered, ToolDeactivated, TraceSpanAppended, TracePurged),
+    stale_on=(ToolRegistered, ToolDeactivated, TraceSpanAppended, TracePurged),
+    unaffected_by=(
+        ToolUpdated,  # changes neither a tool's name nor whether it is active
+        TraceFinalized,  # spans are what is counted, not traces
+    ),
     reads=(PROJECTION, traces.PROJECTION),
     queries=(
         Query("ListToolUsage", "/v1/tool-usage", list_tool_usage, view="tool_usage"),

@@ -8,20 +8,20 @@ its first event; before that every query about it answers 404.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, assert_never
 
-from app.contexts import EVENTS
+from app.contexts import runtime_config
 from app.contexts.runtime_config import RuntimeConfigReset, RuntimeConfigUpdated, RuntimeFlagUpdated
-from app.messages import Envelope
+from core.messages import Envelope
 from projections.db import Connection
+from projections.pagination import Keyset, QueryArgs
 from projections.projection import (
     Answer,
     Cache,
     Invalidation,
-    Keyset,
     Projection,
     Query,
-    QueryArgs,
     Statements,
     one,
     tables,
@@ -63,13 +63,17 @@ BY_MODULE_AND_FLAG = Keyset(("module", "flag"), (str, str))
 BY_VERSION = Keyset(("version",), (int,))
 
 
-async def apply(conn: Connection, envelopes: list[Envelope]) -> None:
+Handled = RuntimeFlagUpdated | RuntimeConfigUpdated | RuntimeConfigReset
+
+
+async def apply(conn: Connection, batch: Sequence[tuple[Envelope, Handled]]) -> None:
     statements = Statements()
-    for env in envelopes:
-        event = EVENTS[env.type].decoder.decode(env.payload)
+    for env, event in batch:
         match event:
             case RuntimeFlagUpdated() | RuntimeConfigUpdated() | RuntimeConfigReset():
                 _record(statements, env, event.settings, event.flags, event.changes)
+            case _:
+                assert_never(event)
     await statements.execute(conn)
 
 
@@ -127,9 +131,10 @@ async def get_history(conn: Connection, args: QueryArgs) -> Answer:
 
 PROJECTION = Projection(
     name="runtime_config",
-    tables=tables("runtime_config"),
-    contexts=("runtime_config",),
+    reads=(runtime_config.CONTEXT,),
+    events=Handled,
     apply=apply,
+    tables=tables("app.readmodels", "runtime_config"),
     queries=(
         Query("GetRuntimeConfig", "/v1/runtime-config/{module}", get_config),
         Query("ListRuntimeFlags", "/v1/runtime-config/{module}/flags", list_module_flags),
