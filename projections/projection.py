@@ -164,7 +164,10 @@ class Projection:
     contexts: tuple[str, ...] = field(init=False)
     handles: tuple[type[Event], ...] = field(init=False)
     """The event classes of `events` (empty for every event)."""
-    _decoders: dict[str, msgspec.json.Decoder[Any]] = field(init=False, repr=False, compare=False)
+    _decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = field(
+        init=False, repr=False, compare=False
+    )
+    """Per event type handled: its decoder and its current `schema_version`."""
 
     def __post_init__(self) -> None:
         handles = () if self.events is None else event_classes(self.events)
@@ -179,7 +182,7 @@ class Projection:
             )
         object.__setattr__(self, "contexts", tuple(c.name for c in self.reads))
         object.__setattr__(self, "handles", handles)
-        decoders = {e.__name__: msgspec.json.Decoder(e) for e in handles}
+        decoders = {e.__name__: (msgspec.json.Decoder(e), e.schema_version) for e in handles}
         object.__setattr__(self, "_decoders", decoders)
 
     def decoded(
@@ -189,12 +192,16 @@ class Projection:
         its event; for a projection of every event, all of them as written."""
         if self.events is None:
             return [(envelope, None) for envelope in envelopes]
-        decoders, current = self._decoders, catalog.current
-        return [
-            (now, decoder.decode(now.payload))
-            for envelope in envelopes
-            if (decoder := decoders.get(envelope.type)) is not None and (now := current(envelope))
-        ]
+        decoders = self._decoders
+        batch: list[tuple[Envelope, Any]] = []
+        for written in envelopes:
+            found = decoders.get(written.type)
+            if found is None:
+                continue
+            decoder, version = found
+            envelope = catalog.current(written) if written.schema_version < version else written
+            batch.append((envelope, decoder.decode(envelope.payload)))
+        return batch
 
     async def project(
         self, conn: Connection, envelopes: Sequence[Envelope], catalog: Catalog
