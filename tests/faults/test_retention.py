@@ -12,7 +12,6 @@ together on the running pipeline.
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from app import cli, runtime
 from app.registry import SYSTEM
 from core.settings import Settings
 from projections import db
-from projections.rebuild import REBUILD_LOCK, rebuilding, schema_name
+from projections.rebuild import rebuild_lock, rebuilding, schema_name
 from streams import retention
 from streams.connection import Redis, Scripts
 from streams.fanout import Reset
@@ -250,7 +249,7 @@ async def test_no_event_stream_is_trimmed_while_a_projection_is_rebuilt(
     await fill(redis, stream, 5)
     await commit(pool, TRACES, (5000, 0))
     scratch = schema_name(settings.db_schema, "rebuild", "traces")
-    lock = REBUILD_LOCK | (zlib.crc32(b"traces") & 0xFFFF)
+    lock = rebuild_lock("traces")
     async with pool.acquire() as rebuilding:
         await rebuilding.execute(f'CREATE SCHEMA "{scratch}"')  # as `Rebuild._prepare`
         trims = await trimmer(settings, redis, pool).trim()  # a scratch schema left over
