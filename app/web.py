@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import admin, commands, sse, ws
@@ -58,12 +58,28 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (unknown route, wrong method) in Eddy's error shape."""
+    """Starlette's own errors (unknown route, wrong method) in Eddy's error shape.
+
+    A 405's `Allow` names every method of every route of the path (RFC 9110
+    §15.5.6): Starlette's names those of the first route that matches it only
+    (`GET` of `/v1/commands/{command_id}`, not the `POST` of `/v1/commands/{type}`)."""
     assert isinstance(exc, HTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
-    return json_response(
-        {"error": {"code": code, "message": exc.detail}}, exc.status_code, dict(exc.headers or {})
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return json_response({"error": {"code": code, "message": exc.detail}}, exc.status_code, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app answers on this request's path."""
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE and isinstance(route, Route) and route.methods:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def unavailable(request: Request, exc: Exception) -> Response:

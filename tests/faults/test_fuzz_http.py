@@ -20,10 +20,11 @@ bad one gets 401 (`ignored_auth`), an undocumented method gets 405. Not checked:
 `positive_data_acceptance` (data the schema allows may still break a rule it
 cannot say: a NUL character, nesting over 32 levels, `ended_at` before
 `started_at`, an `after` position or a `cursor` Eddy did not issue, a `wait` over
-`EDDY_MAX_WAIT_S`, an unknown id: 4xx on purpose) and `allow_header_conformance`
-(on `/v1/commands/{name}` Starlette's 405 lists the methods of the first route
-that matches the path only, GET of `/v1/commands/{command_id}`, not POST:
-`app/web.py`, outside this item).
+`EDDY_MAX_WAIT_S`, an unknown id: 4xx on purpose) and `allow_header_conformance`:
+a 405 on `/v1/commands/CreateChatSession` rightly allows GET as well (the status of
+a command whose id is `CreateChatSession`), which the document lists under
+`/v1/commands/{command_id}`, a path schemathesis does not match to it
+(`tests/integration/test_http.py` checks `Allow` itself).
 
 Schemathesis generates from the document, so it never sends what the document
 does not name; the hypothesis tests after it do: the filters each query reads

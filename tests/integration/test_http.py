@@ -211,7 +211,12 @@ async def test_unknown_routes_and_methods_answer_in_the_error_shape(stack) -> No
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await stack.client.delete("/v1/commands/CreateChatSession", headers=stack.auth())
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
-    assert "GET" in r.headers["allow"] or "POST" in r.headers["allow"]
+    # every method of the path, from both of its routes (RFC 9110: Allow lists them all)
+    assert r.headers["allow"] == "GET, HEAD, POST"
+    r = await stack.client.put("/v1/admin/dead-letters/x", headers=stack.auth())
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD"
+    r = await stack.client.post("/v1/chat-sessions", headers=stack.auth())
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
 
 
 async def test_unknown_ids_are_404(stack) -> None:
