@@ -4,7 +4,7 @@ WebSocket `command` frame.
 ```
 type (404) ─▶ roles (403) ─▶ payload: size (413) ─▶ JSON (400) ─▶ schema (422)
    ─▶ command id, correlation id (400) ─▶ record (aggregate id derived if omitted)
-   ─▶ bus.submit: its shard's stream (409 idempotency conflict, 503 Redis)
+   ─▶ bus.submit: its shard's stream (422 a key reused for another command, 503 Redis)
 ```
 
 The transports do what comes before (HTTP: the connection's and tenant's rates

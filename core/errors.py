@@ -92,11 +92,14 @@ class RateLimited(EddyError):
         self.retry_after_s = retry_after_s
 
 
-class IdempotencyConflict(EddyError):
-    """An `Idempotency-Key` already names a different command (another type or aggregate)."""
+class IdempotencyKeyReused(EddyError):
+    """An `Idempotency-Key` (a command id) already names another command: another
+    type, or another payload (compared by a digest of its canonical JSON). As the
+    IETF Idempotency-Key draft says: 422, and nothing is accepted; the same key with
+    the same command gets the first one's answer."""
 
-    code = "idempotency_conflict"
-    status = 409
+    code = "idempotency_key_reused"
+    status = 422
 
 
 class BadPosition(EddyError):

@@ -1,15 +1,22 @@
 """The command bus: accept a command into its shard's stream, and tell its status.
 
-Submission is two steps: a locator (`command id → shard and type`, in its own
-slot, written first with SET NX) and one Lua step in the shard's slot that
-records the status and XADDs the command (each step one pipeline per batch). A
-retry with the same id finds both and appends nothing. If Redis fails anywhere,
-the caller gets `Unavailable` (503) and retries with the same id: a locator
-without a status is a command never accepted.
+Submission is two steps: a locator (`command id → shard, type and payload digest`,
+in its own slot, written first with SET NX) and one Lua step in the shard's slot
+that records the status and XADDs the command (each step one pipeline per batch).
+A retry with the same id finds both and appends nothing; one with the same id but
+another type or payload is refused (`IdempotencyKeyReused`, 422). If Redis fails
+anywhere, the caller gets `Unavailable` (503) and retries with the same id: a
+locator without a status is a command never accepted.
+
+The digest is of the payload's canonical JSON (keys sorted, the server-made
+aggregate id filled in), so a retry that spells the same object differently is the
+same command. A locator written without one (before digests, or restored by a
+dead-letter replay) is compared by type alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -18,7 +25,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from core.catalog import Catalog
-from core.errors import ConfigurationError, EddyError, IdempotencyConflict, Unavailable
+from core.errors import ConfigurationError, EddyError, IdempotencyKeyReused, Unavailable
 from core.messages import CommandRecord, Envelope
 from core.outages import FAILED, poll
 from streams.batching import Coalescer
@@ -67,6 +74,28 @@ class CommandStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 _encoder = msgspec.json.Encoder()
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def payload_digest(payload: msgspec.Raw | bytes) -> str:
+    """A digest of a command payload's canonical JSON (object keys sorted)."""
+    canonical = _canonical.encode(msgspec.json.decode(payload))
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+def same_command(known: str, where: str) -> bool:
+    """Whether two locators (`context:shard:type[:digest]`) name the same command."""
+    known_parts, parts = known.split(":"), where.split(":")
+    if known_parts[:3] != parts[:3]:
+        return False
+    return len(known_parts) < 4 or len(parts) < 4 or known_parts[3] == parts[3]
+
+
+def _reused(command_id: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"Idempotency-Key {command_id!r} already names another command"
+        " (another type or payload); use a new key for a new command"
+    )
 
 
 class _Pending:
@@ -121,7 +150,7 @@ class CommandBus:
         await self._batches.run(task_status=task_status)
 
     async def submit(self, record: CommandRecord, shard: Shard) -> Accepted:
-        """Accept a command (idempotent by its id). Raises `Unavailable`, `IdempotencyConflict`."""
+        """Accept a command (idempotent by its id). Raises `Unavailable`, `IdempotencyKeyReused`."""
         pending = _Pending(record, shard)
         await self._batches.put(pending, pending.done)
         assert pending.outcome is not None
@@ -153,7 +182,10 @@ class CommandBus:
 
     async def _submit(self, batch: list[_Pending]) -> None:
         """Locators first (SET NX), then the submit step of every command not in conflict."""
-        wheres = [f"{p.shard.context}:{p.shard.number}:{p.record.type}" for p in batch]
+        wheres = [
+            f"{p.shard.context}:{p.shard.number}:{p.record.type}:{payload_digest(p.record.payload)}"
+            for p in batch
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for pending, where in zip(batch, wheres, strict=True):
                 locator = self.keys.command_locator(pending.record.tenant_id, pending.record.id)
@@ -163,11 +195,8 @@ class CommandBus:
         accepted: list[_Pending] = []
         for i, (pending, where) in enumerate(zip(batch, wheres, strict=True)):
             known = replies[2 * i + 1]
-            if known is not None and known.decode() != where:
-                pending.outcome = IdempotencyConflict(
-                    f"Idempotency-Key {pending.record.id!r} already names another command",
-                    existing=known.decode().rsplit(":", 1)[-1],
-                )
+            if known is not None and not same_command(known.decode(), where):
+                pending.outcome = _reused(pending.record.id)
             else:
                 accepted.append(pending)
         if not accepted:
@@ -197,9 +226,7 @@ class CommandBus:
                 continue
             kind, status, _type, aggregate_id = (part.decode() for part in reply)
             if kind == "known" and aggregate_id != pending.record.aggregate_id:
-                pending.outcome = IdempotencyConflict(
-                    f"Idempotency-Key {pending.record.id!r} already names another command"
-                )
+                pending.outcome = _reused(pending.record.id)
             else:
                 pending.outcome = Accepted(
                     command_id=pending.record.id,
@@ -224,7 +251,7 @@ class CommandBus:
                     pipe.get(self.keys.command_locator(tenant_id, command_id))
                 wheres: list[bytes | None] = await pipe.execute()
             located = [
-                (command_id, where.decode().split(":"))
+                (command_id, where.decode().split(":")[:3])
                 for command_id, where in zip(command_ids, wheres, strict=True)
                 if where is not None
             ]

@@ -193,7 +193,7 @@ def test_any_command_id(served: Served, name: str, command_id: str, ref: str | N
     with connect(ws_url(served.stack), additional_headers=served.stack.auth()) as ws:
         (answer,) = answers_to(ws, json.dumps(frame), served.accepted)
         if answer["op"] == "error":
-            assert answer["error"]["code"] in ("bad_request", "idempotency_conflict"), answer
+            assert answer["error"]["code"] in ("bad_request", "idempotency_key_reused"), answer
         else:
             assert answer["op"] == "accepted" and answer["command_id"] == command_id, answer
 

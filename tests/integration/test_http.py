@@ -101,7 +101,40 @@ async def test_a_repeated_key_returns_the_original_outcome(stack) -> None:
     assert first.status_code == again.status_code == 200
     assert first.json()["events"] == again.json()["events"]
     other = await c.post("/v1/commands/CloseChatSession", json={"session_id": "x"}, headers=headers)
-    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_a_key_reused_with_another_payload_is_refused_and_the_same_one_answered(
+    stack,
+) -> None:
+    """The IETF Idempotency-Key draft: the same key with another payload is a 422 and
+    nothing is accepted; with the same payload, however it is spelled, the first
+    command's answer."""
+    c, headers = stack.client, {**stack.auth(), "Idempotency-Key": "k-payload"}
+    body = {"agent_id": "a", "participants": [], "metadata": {"x": 1, "y": [1, 2]}}
+    first = await c.post("/v1/commands/CreateChatSession?wait=5", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    respelled = b'{"metadata": {"y": [1, 2], "x": 1}, "participants": [], "agent_id": "a"}'
+    same = await c.post(
+        "/v1/commands/CreateChatSession?wait=5",
+        content=respelled,
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert same.status_code == 200 and same.json()["events"] == first.json()["events"]
+    changed = {**body, "agent_id": "b"}
+    reused = await c.post("/v1/commands/CreateChatSession?wait=5", json=changed, headers=headers)
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    # and with the server-made session id the first answer named: the same command
+    session_id = first.json()["session_id"]
+    named = await c.post(
+        "/v1/commands/CreateChatSession?wait=5",
+        json={**body, "session_id": session_id},
+        headers=headers,
+    )
+    assert named.status_code == 200 and named.json()["events"] == first.json()["events"]
+    sessions = await c.get("/v1/chat-sessions", params={"agent_id": "b"}, headers=stack.auth())
+    assert sessions.json()["items"] == []
 
 
 @pytest.mark.parametrize(
