@@ -22,6 +22,17 @@ starts at the join vector. A token ahead of this process's readers (issued by
 a faster process) waits for them up to `AHEAD_WAIT_S`; one still ahead names
 history this Redis does not have, and gets a reset.
 
+Resuming from an event's own `position` (what a client holding only envelopes
+has: a WebSocket `event` frame's `event.position`, an event of a `?wait=` answer)
+is exact when every topic of the subscription can only have events on that one
+stream: a `<context>/<aggregate_id>` topic (an aggregate lives on one shard), or a
+`<context>` topic of a deployment with one shard. The other shards then start at
+the join vector, where the topics have nothing. For any other topic the position
+says nothing of the other streams' progress (live events of several streams are
+delivered in the order they are read, not by entry id), so it is refused: those
+subscriptions resume with a feed token (the SSE `id:`, the `position` of a
+WebSocket `event` frame or of `subscribed`).
+
 Retention. Each catch-up page is read in one MULTI with XINFO STREAM and the
 trimmer's record of the stream (`Keys.trimmed`): when entries after the page's
 start may have been removed, the subscriber gets one `Reset` and continues from
@@ -58,7 +69,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from core.catalog import Catalog
-from core.errors import Unavailable
+from core.errors import BadPosition, Unavailable
 from core.messages import Envelope, envelope_decoder, envelope_encoder
 from core.outages import FAILED, Backoff
 from core.settings import Settings
@@ -66,6 +77,7 @@ from streams.connection import BLOCK_MS, Redis
 from streams.entries import Entry, positioned
 from streams.keys import Keys, Shard
 from streams.positions import (
+    TOKEN_VERSION,
     ZERO,
     EntryId,
     Vector,
@@ -73,6 +85,7 @@ from streams.positions import (
     encode_cursor,
     entry_id_of,
     format_entry_id,
+    parse_event_position,
 )
 from streams.retention import trimmed_through
 from streams.topics import Topics
@@ -205,7 +218,8 @@ class Fanout:
     def subscribe(
         self, tenant_id: str, topics: Sequence[str], since: str | None = None
     ) -> Subscription:
-        """A subscription to `topics` of one tenant, after the token `since` or from now.
+        """A subscription to `topics` of one tenant, from now, or right after `since`:
+        a feed token, or an event's position where the topics allow it (above).
 
         Raises `BadRequest` (topic) or `BadPosition` (token) at once, before anything
         is streamed. Use it with `async with`, then iterate it for batches of items.
@@ -213,8 +227,29 @@ class Fanout:
         parsed = Topics.parse(topics, self._catalog)
         cursor = None
         if since is not None:
-            cursor = decode_cursor(since, dict.fromkeys(self._contexts), self._keys.shards)
+            cursor = self._resume_at(tenant_id, parsed, since)
         return Subscription(self, tenant_id, parsed, cursor)
+
+    def _resume_at(self, tenant_id: str, topics: Topics, since: str) -> dict[Shard, EntryId]:
+        """Where a subscription resumes: a feed token's cursor, or an event position's
+        one shard when the topics can have events on that shard only."""
+        if since.startswith(f"{TOKEN_VERSION}~"):
+            return decode_cursor(since, dict.fromkeys(self._contexts), self._keys.shards)
+        shard, entry = parse_event_position(since, self._catalog.by_name, self._keys.shards)
+        one_stream = not (topics.everything or topics.sessions) and all(
+            context == shard.context and self._keys.shards == 1 for context in topics.contexts
+        )
+        one_stream = one_stream and all(
+            self._keys.shard_of(context, tenant_id, aggregate_id) == shard
+            for context, aggregate_id in topics.aggregates
+        )
+        if not one_stream:
+            raise BadPosition(
+                "an event's position resumes only a subscription whose topics are on its"
+                " one stream (a <context>/<id> topic of that aggregate); resume this one"
+                " with a feed token: an SSE id, or the position of a WebSocket event frame"
+            )
+        return {shard: entry}
 
     async def _load_tails(self) -> None:
         backoff = Backoff()

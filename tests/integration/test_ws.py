@@ -96,6 +96,54 @@ async def test_since_resumes_right_after_an_event_frame(stack: Stack) -> None:
         assert b.events() == []  # no duplicate, nothing else
 
 
+async def test_since_takes_an_events_own_position_on_an_aggregates_topic(stack: Stack) -> None:
+    """A client that keeps only envelopes (API.md's `event` frame) resumes an
+    aggregate's topic from the last envelope's `position`: no gap, no duplicate."""
+    async with opened(stack) as a:
+        created = await a.command("CreateChatSession", create(), "agg-0")
+        session_id = created["aggregate_id"]
+        topic = f"chat_sessions/{session_id}"
+        await a.ask({"op": "subscribe", "topic": topic})
+        updates = [
+            await a.command(
+                "UpdateChatSessionParticipants",
+                {"session_id": session_id, "add": [{"participant_id": f"p{n}", "role": "user"}]},
+            )
+            for n in range(3)
+        ]
+        seen = [
+            await a.expect("event", lambda f, r=result: f["event"]["id"] in r["events"])
+            for result in updates
+        ]
+
+    async with opened(stack) as b:
+        since = seen[0]["event"]["position"]  # the envelope's own, not the frame's token
+        assert not since.startswith("2~")
+        subscribed = await b.ask({"op": "subscribe", "topic": topic, "since": since})
+        assert subscribed["op"] == "subscribed", subscribed
+        resumed = [await b.expect("event"), await b.expect("event")]
+        assert [f["event"]["id"] for f in resumed] == [f["event"]["id"] for f in seen[1:]]
+        closed = await b.command("CloseChatSession", {"session_id": session_id})
+        later = await b.expect("event")
+        assert later["event"]["id"] == closed["events"][0]
+        await b.pong()
+        assert b.events() == []  # no duplicate, nothing else
+
+        # Where the position cannot say how far the other streams were: refused.
+        for ambiguous in ("chat_sessions", f"session/{session_id}", "*"):
+            refused = await b.ask({"op": "subscribe", "topic": ambiguous, "since": since})
+            assert refused["op"] == "error", refused
+            assert refused["error"]["code"] == "bad_position"
+            assert "feed token" in refused["error"]["message"]
+        # and a position on another shard is not one of this aggregate's
+        await b.ask({"op": "unsubscribe", "topic": topic})
+        other = since.replace("chat_sessions.0.", "chat_sessions.1.", 1)
+        if other == since:
+            other = since.replace("chat_sessions.1.", "chat_sessions.0.", 1)
+        refused = await b.ask({"op": "subscribe", "topic": topic, "since": other, "ref": "x"})
+        assert refused["error"]["code"] == "bad_position"
+
+
 async def test_unsubscribe_stops_delivery(stack: Stack) -> None:
     async with opened(stack) as c:
         await c.ask({"op": "subscribe", "topic": "chat_sessions"})
