@@ -76,11 +76,12 @@ async def web_process(
 ) -> None:
     """`eddy web`: serve HTTP until cancelled; then finish in-flight requests
     (bounded) and stop."""
-    from app.web import create_app  # the web stack is only loaded by the web process
+    from app.web import create_app, stop_feeds  # only the web process loads the web stack
 
     sock = sock or bind(settings.host, settings.port)
+    app = create_app(settings, system)
     config = uvicorn.Config(
-        create_app(settings, system),
+        app,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=False,
@@ -92,6 +93,9 @@ async def web_process(
         try:
             await anyio.sleep_forever()
         finally:
+            # Feeds first: SSE responses and WebSocket subscriptions end now, cleanly,
+            # instead of holding the graceful shutdown open until it times out.
+            stop_feeds(app)
             server.should_exit = True
 
     async with anyio.create_task_group() as tg:

@@ -172,6 +172,17 @@ class Timing:
             self.metrics.requests.labels(name, str(status)).observe(time.perf_counter() - started)
 
 
+def stop_feeds(app: Starlette) -> None:
+    """End every feed of the app at once (a stopping process): the fan-out stops, so
+    each SSE response finishes (an `EventSource` reconnects elsewhere and resumes
+    with `Last-Event-ID`) and each WebSocket closes with 1012; new subscriptions get
+    503. Without it, uvicorn's graceful shutdown would wait for the never-ending SSE
+    responses until its deadline, then cancel them mid-write."""
+    stop = getattr(app.state, "stop_feeds", None)
+    if stop is not None:
+        stop()
+
+
 def create_app(settings: Settings, system: System) -> Starlette:
     """The web process of `system`: its routes, and a lifespan that holds its clients."""
     keys = Keys.of(settings)
@@ -200,9 +211,16 @@ def create_app(settings: Settings, system: System) -> Starlette:
             metrics=metrics_,
         )
         app.state.web = web
+        feeds = anyio.CancelScope()
+        app.state.stop_feeds = feeds.cancel
+
+        async def run_feeds() -> None:
+            with feeds:
+                await web.fanout.run()
+
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(web.fanout.run)
+                tg.start_soon(run_feeds)
                 await tg.start(bus.run)
                 await tg.start(web.limits.tenants.run)
                 yield

@@ -91,7 +91,7 @@ log = logging.getLogger("eddy.ws")
 
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
-GOING_AWAY = 1001
+SERVICE_RESTART = 1012
 MAX_REASON_BYTES = 123
 """The longest close reason a close frame can carry."""
 POLL_FIRST_S = 0.002
@@ -387,7 +387,7 @@ class Socket:
                         for item in batch:
                             await self._send(render(head, encoded, item))
                 # the fan-out stopped: this process is shutting down
-                self._end(GOING_AWAY, "the server is stopping; reconnect and resume with since")
+                self._end(SERVICE_RESTART, "the server is restarting; reconnect, resume with since")
         except Lagging:
             log.info("ws-lagging tenant=%s topic=%s", tenant, topic)
             limit = self.settings.subscriber_buffer
