@@ -23,6 +23,7 @@ import msgspec
 
 from app import runtime
 from app.auth import issue_token
+from app.cors import DEV_ORIGINS
 from app.system import System
 from core.settings import Settings
 from devserver.embedded import EmbeddedServerError
@@ -52,6 +53,7 @@ def run_dev(
                     redis_url=servers.redis_url,
                     database_url=servers.database_url,
                     jwt_secret=servers.jwt_secret,
+                    cors_origins=env.get("EDDY_CORS_ORIGINS", DEV_ORIGINS),
                 )
                 # the servers stop after this: from the first signal on, others are ignored
                 runtime.run_until_signal(

@@ -17,12 +17,14 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import admin, commands, sse, ws
+from app.cors import Origins
 from app.http import json_response
 from app.limits import Limits
 from app.metrics import Metrics
@@ -187,6 +189,7 @@ def create_app(settings: Settings, system: System) -> Starlette:
     """The web process of `system`: its routes, and a lifespan that holds its clients."""
     keys = Keys.of(settings)
     metrics_ = Metrics()
+    origins = Origins(settings.cors_origins)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -207,6 +210,7 @@ def create_app(settings: Settings, system: System) -> Starlette:
             pool=pool,
             fanout=Fanout(redis, keys, system.catalog, settings),
             limits=Limits(settings, redis, scripts, keys, metrics_.registry),
+            origins=origins,
             query_cache=QueryCache(),
             metrics=metrics_,
         )
@@ -246,11 +250,11 @@ def create_app(settings: Settings, system: System) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(Timing, metrics=metrics_), origins.middleware()],
         exception_handlers={
             EddyError: eddy_error,
             HTTPException: http_error,
             **dict.fromkeys((*REDIS_DOWN, *POSTGRES_DOWN, OSError), unavailable),
         },
     )
-    app.add_middleware(Timing, metrics=metrics_)
     return app

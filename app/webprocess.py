@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.cors import Origins
 from app.limits import Limits
 from app.metrics import Metrics
 from app.system import System
@@ -29,5 +30,6 @@ class WebProcess:
     pool: Pool
     fanout: Fanout
     limits: Limits
+    origins: Origins
     query_cache: QueryCache
     metrics: Metrics

@@ -69,6 +69,7 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.auth import Principal, authenticate
+from app.cors import websocket_allowed
 from app.limits import TokenBucket
 from app.submission import accept
 from app.submission import decode as decode_json
@@ -215,6 +216,10 @@ class Endpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
         web: WebProcess = websocket.app.state.web
+        if not websocket_allowed(web.origins, websocket.headers, websocket.url.scheme):
+            log.info("ws-origin-refused origin=%s", websocket.headers.get("origin", "")[:200])
+            await websocket.close(POLICY_VIOLATION)  # before accepting: HTTP 403
+            return
         await websocket.accept()
         try:
             principal = authenticate(websocket, web.settings.jwt_secret, allow_query_token=True)

@@ -98,6 +98,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     over it: 429. 0: no limit."""
     connection_burst: int = 2000
     """`EDDY_CONNECTION_BURST`: requests one HTTP connection may make at once above that rate."""
+    cors_origins: str = ""
+    """`EDDY_CORS_ORIGINS`: the web pages (origins, comma-separated) that may call Eddy
+    from a browser: `https://app.example.com`, `http://localhost:*` (any port),
+    `https://*.example.com`, or `*` (any). Empty: none but Eddy's own pages. The
+    WebSocket refuses a page of any other origin (`app/cors.py`)."""
     log_level: str = "info"
     """`EDDY_LOG_LEVEL`: debug, info, warning or error."""
 

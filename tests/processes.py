@@ -69,6 +69,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "EDDY_LEASE_TTL_MS": str(settings.lease_ttl_ms),
         "EDDY_CLAIM_IDLE_MS": str(settings.claim_idle_ms),
         "EDDY_JWT_SECRET": settings.jwt_secret,
+        "EDDY_CORS_ORIGINS": settings.cors_origins,
     }
     return env
 
@@ -134,9 +135,9 @@ class Fleet:
         raw: list[bytes] = await self.redis.zrange(self.keys.members(ROLE_MEMBERS[kind]), 0, -1)
         return {m.decode() for m in raw}
 
-    async def start(self, kind: str) -> EddyProcess:
+    async def start(self, kind: str, port: int | None = None) -> EddyProcess:
         """Start one process and wait until it heartbeats (learning its member
-        token), or for `web`, until it answers `/healthz`."""
+        token), or for `web` (on `port`, or a free one), until it answers `/healthz`."""
         before = set() if kind == "web" else await self.members(kind)
         before |= {p.member for p in self.processes}
         log_path = self.log_dir / f"{kind}-{len(self.processes)}.log"
@@ -145,7 +146,7 @@ class Fleet:
         env = environment(self.settings)
         url = ""
         if kind == "web":
-            port = free_port()
+            port = port or free_port()
             env |= {"PORT": str(port), "EDDY_HOST": "127.0.0.1"}
             url = f"http://127.0.0.1:{port}"
         process = await anyio.open_process(
