@@ -2,7 +2,8 @@
 by HTTP and WebSocket; per-connection limits in memory; refusals that accept
 nothing; a quiet tenant's latency while another floods; the limiter's Lua step.
 
-The isolation bound (`ISOLATION_BOUND`, 3x on p50 and p99): the flooding tenant
+The isolation bounds (`ISOLATION_BOUND`, 3x on p50; `TAIL_BOUND`, 4x on p99): the
+flooding tenant
 offers 500 commands/s, 10x its limit, over 8 keep-alive connections (at least 4x
 must reach the server: a flooder at `nice 19` on a slow 2-core machine managed
 300-380/s of the 1,000/s this test first offered). The web process refuses each
@@ -13,7 +14,10 @@ this 2-core machine, shared with Redis, Postgres, the flooder and the client,
 that extra CPU is what the quiet tenant feels: 1.2-1.8x measured while other test
 runs loaded the machine (2.0-2.5x with no limit, the flood all accepted). 3x
 leaves room for a noisy machine; refusals as costly as acceptance, or a leak
-past the limit (also asserted: the flooder's 202s), exceed it. The flooder runs
+past the limit (also asserted: the flooder's 202s), exceed it. The p99 of 360
+samples is set by its four slowest, and on a slower 2-core machine measured
+2.1-3.0x (3.04x once) in consecutive runs of the same code, so it is bounded at
+4x: a tail that refusals really slowed shows there as well as at p50. The flooder runs
 at `nice 19`, standing for clients on other machines, and alternates with quiet
 windows so the machine's other load weighs on both measurements alike.
 """
@@ -304,6 +308,7 @@ FLOOD_PER_S = 500.0
 FLOODER_LIMIT_PER_S = 50.0
 FLOODER_BURST = 50
 ISOLATION_BOUND = 3.0
+TAIL_BOUND = 4.0
 NICE = ["nice", "-n", "19"] if shutil.which("nice") else []
 """The flooder stands for clients on other machines: on this one it yields the CPU
 to the processes under test."""
@@ -548,4 +553,4 @@ async def test_a_flooding_tenant_does_not_slow_a_quiet_one(
     assert counts.get("202", 0) <= FLOODER_BURST + FLOODER_LIMIT_PER_S * elapsed, report
     for name in ("accepted", "delivered"):
         p50, p99 = report[name]["ratio"]
-        assert p50 <= ISOLATION_BOUND and p99 <= ISOLATION_BOUND, report
+        assert p50 <= ISOLATION_BOUND and p99 <= TAIL_BOUND, report
