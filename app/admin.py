@@ -18,7 +18,6 @@ replaying process, `ShardProjector.replay` / `Reactor.react`), no other consumer
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -229,23 +228,8 @@ async def command_line(
     as_json: bool = False,
     out: TextIO,
 ) -> int:
-    """`eddy deadletters <action>`; returns the exit code."""
-    try:
-        return await _command_line(settings, system, action, dead_letter_id, every, as_json, out)
-    except DOWN as exc:
-        print(f"eddy: cannot reach Redis or Postgres: {exc!r}", file=sys.stderr)
-        return 1
-
-
-async def _command_line(
-    settings: Settings,
-    system: System,
-    action: str,
-    dead_letter_id: str | None,
-    every: bool,
-    as_json: bool,
-    out: TextIO,
-) -> int:
+    """`eddy deadletters <action>`; returns the exit code (a server that does not
+    answer raises, and `eddy` says which)."""
     encode = msgspec.json.encode
     async with operating(settings, system, postgres=action == "replay") as operator:
         dead_letters = operator.dead_letters

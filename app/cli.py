@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TextIO
 
 import anyio
@@ -24,6 +25,7 @@ from app.system import System
 from core.errors import ConfigurationError, EddyError
 from core.outages import FAILED
 from core.settings import Settings
+from devserver.local import HOME, dev_secret, running
 from projections.rebuild import CannotRebuild, RebuildBusy
 from streams.positions import format_entry_id
 from streams.retention import MAX_COUNTED, Trim
@@ -122,13 +124,36 @@ class ProgressBar:
             self.out.write("\n")
 
 
+def cannot(settings: Settings, doing: str, exc: BaseException) -> int:
+    """Say why `doing` failed: which server does not answer (or is not migrated);
+    the error itself if both look fine. The exit code: 1."""
+    problems = anyio.run(runtime.diagnose, settings) or [repr(exc)]
+    for problem in problems:
+        print(f"eddy: cannot {doing}: {problem}", file=sys.stderr)
+    return 1
+
+
+def with_local_dev(env: Mapping[str, str], home: Path) -> Mapping[str, str]:
+    """The environment, completed by an `eddy dev` running in `home` (`.eddy/` of this
+    folder): its servers where `REDIS_URL`, `DATABASE_URL`, `PORT` are not set, and
+    its JWT secret where `EDDY_JWT_SECRET` is not. A variable that is set wins."""
+    found = running(home) or {}
+    added = {name: value for name, value in found.items() if name not in env}
+    if "EDDY_JWT_SECRET" not in env and (secret := dev_secret(home)) is not None:
+        added["EDDY_JWT_SECRET"] = secret
+    if not added:
+        return env
+    if found:
+        print(f"eddy: using the servers of the `eddy dev` running in {home}", file=sys.stderr)
+    return {**env, **added}
+
+
 def trim(settings: Settings, system: System, *, dry_run: bool, as_json: bool) -> int:
     """`eddy trim [--dry-run] [--json]`: one pass of the trimmer now, and what it did."""
     try:
         trims = anyio.run(lambda: runtime.trim(settings, system, dry_run=dry_run))
     except FAILED as exc:
-        print(f"eddy: cannot trim: {exc!r}", file=sys.stderr)
-        return 1
+        return cannot(settings, "trim", exc)
     print(trim_table(trims, dry_run=dry_run, as_json=as_json))
     return 0
 
@@ -189,6 +214,8 @@ def main(
 ) -> int:
     args = parser().parse_args(argv)
     env = os.environ if env is None else env
+    if args.command != "dev":
+        env = with_local_dev(env, Path.cwd() / HOME)
     try:
         settings = Settings.from_env(env)
         configure_logging(settings.log_level)
@@ -219,8 +246,7 @@ def main(
             try:
                 shards = anyio.run(status.report, settings, system.projections)
             except FAILED as exc:
-                print(f"eddy: cannot read the status: {exc!r}", file=sys.stderr)
-                return 1
+                return cannot(settings, "read the status", exc)
             print(status.to_json(shards) if args.json else status.table(shards))
             return 0
         if args.command == "trim":
@@ -271,3 +297,5 @@ def main(
     except CannotRebuild as exc:
         print(f"eddy: {exc}", file=sys.stderr)
         return 2
+    except FAILED as exc:  # a server away, or a schema never migrated: say which
+        return cannot(settings, f"run `eddy {args.command}`", exc)

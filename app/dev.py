@@ -27,7 +27,7 @@ from app.cors import DEV_ORIGINS
 from app.system import System
 from core.settings import Settings
 from devserver.embedded import EmbeddedServerError
-from devserver.local import HOME, DevError, local_servers, workspace
+from devserver.local import HOME, DevError, advertised, local_servers, workspace
 
 TOKEN_TTL_S = 7 * 24 * 3600
 TOKEN_TENANT = "dev"
@@ -55,10 +55,17 @@ def run_dev(
                     jwt_secret=servers.jwt_secret,
                     cors_origins=env.get("EDDY_CORS_ORIGINS", DEV_ORIGINS),
                 )
+                where = {
+                    "REDIS_URL": settings.redis_url,
+                    "DATABASE_URL": settings.database_url,
+                    "PORT": str(settings.port),
+                    "EDDY_HOST": settings.host,
+                }
                 # the servers stop after this: from the first signal on, others are ignored
-                runtime.run_until_signal(
-                    functools.partial(_serve, settings, system, sock, servers.notes)
-                )
+                with advertised(home, where):
+                    runtime.run_until_signal(
+                        functools.partial(_serve, settings, system, sock, servers.notes)
+                    )
     except (DevError, EmbeddedServerError) as exc:
         print(f"eddy dev: {exc}", file=sys.stderr)
         return 1

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import asyncpg
 import uvicorn
 from anyio.abc import TaskStatus
 
 from app.system import System
-from core.outages import waiting_out
+from core.outages import FAILED, waiting_out
 from core.settings import Settings
 from projections import db
 from projections.migrate import migrate as migrate_schema
@@ -44,6 +47,28 @@ from streams.worker import run_worker
 log = logging.getLogger("eddy.runtime")
 
 GRACEFUL_SHUTDOWN_S = 10
+
+
+TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s\"']+")
+
+
+class RedactedTokens(logging.Filter):
+    """uvicorn logs a WebSocket's path with its query string, where a browser's token
+    travels (`?access_token=`): the token is replaced before the line is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "access_token=" in message:
+            record.msg, record.args = TOKEN_IN_QUERY.sub(r"\1[redacted]", message), ()
+        return True
+
+
+def redact_tokens() -> None:
+    """Put `RedactedTokens` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactedTokens) for f in logger.filters):
+            logger.addFilter(RedactedTokens())
 
 
 class _Server(uvicorn.Server):
@@ -79,6 +104,7 @@ async def web_process(
     from app.web import create_app, stop_feeds  # only the web process loads the web stack
 
     sock = sock or bind(settings.host, settings.port)
+    redact_tokens()
     app = create_app(settings, system)
     config = uvicorn.Config(
         app,
@@ -273,6 +299,50 @@ def rebuilds(
         progress=progress,
         verify=verify,
     )
+
+
+def redacted(url: str) -> str:
+    """A server's URL without its password, fit for a message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def diagnose(settings: Settings) -> list[str]:
+    """What is wrong with the servers `settings` name, in words: a Redis or a
+    Postgres that does not answer, a schema never migrated; [] if nothing is."""
+    problems: list[str] = []
+    redis = connect(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        with anyio.fail_after(3):
+            await redis.ping()
+    except FAILED as exc:
+        problems.append(f"Redis at {redacted(settings.redis_url)} does not answer: {exc!r}")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+    postgres = redacted(settings.database_url)
+    try:
+        with anyio.fail_after(5):
+            conn = await asyncpg.connect(settings.database_url, timeout=3)
+            try:
+                migrated = await conn.fetchval(
+                    "SELECT to_regclass(quote_ident($1) || '.eddy_migrations') IS NOT NULL",
+                    settings.db_schema,
+                )
+            finally:
+                await conn.close()
+    except FAILED as exc:
+        problems.append(f"Postgres at {postgres} does not answer: {exc!r}")
+    else:
+        if not migrated:
+            problems.append(
+                f"Postgres at {postgres} has no Eddy tables in schema {settings.db_schema!r}:"
+                " run `eddy migrate`"
+            )
+    return problems
 
 
 async def migrate(settings: Settings, system: System) -> list[str]:

@@ -1,5 +1,9 @@
 """`eddy dev`'s folder and servers: on a machine with nothing installed.
 
+While `eddy dev` runs, it says where its servers are in `.eddy/dev.json`, so every
+other `eddy` command run in the same folder (`eddy token`, `eddy status`, …) finds
+them by itself (`running`), and its JWT secret in `.eddy/jwt-secret`.
+
 With no `REDIS_URL` an embedded Valkey is started, with no `DATABASE_URL` an
 embedded Postgres (`devserver.embedded`); a URL that is set always wins. Their
 data, and the JWT secret made up when `EDDY_JWT_SECRET` is unset, live in `.eddy/`
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -27,6 +32,8 @@ from pathlib import Path
 from devserver import embedded
 
 HOME = ".eddy"
+RUNNING = "dev.json"
+SECRET = "jwt-secret"
 
 
 class DevError(Exception):
@@ -78,9 +85,46 @@ def local_servers(
         yield found
 
 
+@contextlib.contextmanager
+def advertised(home: Path, environment: Mapping[str, str]) -> Iterator[None]:
+    """Say in `home` where this `eddy dev`'s servers are (its environment for other
+    `eddy` commands: `REDIS_URL`, `DATABASE_URL`, `PORT`, …) while inside."""
+    path = home / RUNNING
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"pid": os.getpid(), "environment": dict(environment)}, out)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def running(home: Path) -> dict[str, str] | None:
+    """The environment an `eddy dev` running in `home` advertises; None if none runs
+    there (no record, or nobody holds its lock: a killed one left the record)."""
+    try:
+        record = json.loads((home / RUNNING).read_text())
+        with (home / "dev.lock").open("a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: it runs
+                return {str(k): str(v) for k, v in record["environment"].items()}
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def dev_secret(home: Path) -> str | None:
+    """The JWT secret `eddy dev` keeps in `home`, if it made one."""
+    with contextlib.suppress(OSError):
+        return (home / SECRET).read_text().strip() or None
+    return None
+
+
 def _secret(home: Path) -> str:
     """The JWT secret kept in `.eddy/jwt-secret` (made once), so tokens survive restarts."""
-    path = home / "jwt-secret"
+    path = home / SECRET
     with contextlib.suppress(FileNotFoundError):
         secret = path.read_text().strip()
         if secret:

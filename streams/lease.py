@@ -161,6 +161,7 @@ class Balancer:
             elif not await running.lease.renew():
                 log.warning("shard-lease-lost role=%s shard=%s", self.role, shard.name)
                 await self._stop(shard)
+        taken: list[str] = []
         for context, shards in self._by_context.items():
             fair = math.ceil(len(shards) / alive)
             held = [s for s in self.running if s.context == context]
@@ -182,9 +183,14 @@ class Balancer:
                     self.ttl_ms,
                 )
                 if await lease.acquire():
-                    log.info("shard-taken role=%s shard=%s", self.role, shard.name)
+                    log.debug("shard-taken role=%s shard=%s", self.role, shard.name)
                     self._start(tg, shard, lease)
                     held.append(shard)
+                    taken.append(shard.name)
+        if taken:  # one line a tick, not one a shard (dozens at start)
+            log.info(
+                "shards-taken role=%s count=%d held=%d", self.role, len(taken), len(self.running)
+            )
 
     def _start(self, tg: TaskGroup, shard: Shard, lease: ShardLease) -> None:
         running = _Running(lease=lease, scope=anyio.CancelScope())
