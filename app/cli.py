@@ -124,6 +124,10 @@ class ProgressBar:
             self.out.write("\n")
 
 
+DOING = {"status": "read the status", "trim": "trim"}
+"""What a failing command could not do, in its message (otherwise: run it)."""
+
+
 def cannot(settings: Settings, doing: str, exc: BaseException) -> int:
     """Say why `doing` failed: which server does not answer (or is not migrated);
     the error itself if both look fine. The exit code: 1."""
@@ -150,10 +154,7 @@ def with_local_dev(env: Mapping[str, str], home: Path) -> Mapping[str, str]:
 
 def trim(settings: Settings, system: System, *, dry_run: bool, as_json: bool) -> int:
     """`eddy trim [--dry-run] [--json]`: one pass of the trimmer now, and what it did."""
-    try:
-        trims = anyio.run(lambda: runtime.trim(settings, system, dry_run=dry_run))
-    except FAILED as exc:
-        return cannot(settings, "trim", exc)
+    trims = anyio.run(lambda: runtime.trim(settings, system, dry_run=dry_run))
     print(trim_table(trims, dry_run=dry_run, as_json=as_json))
     return 0
 
@@ -243,10 +244,7 @@ def main(
         if args.command == "status":
             from projections import status
 
-            try:
-                shards = anyio.run(status.report, settings, system.projections)
-            except FAILED as exc:
-                return cannot(settings, "read the status", exc)
+            shards = anyio.run(status.report, settings, system.projections)
             print(status.to_json(shards) if args.json else status.table(shards))
             return 0
         if args.command == "trim":
@@ -298,4 +296,4 @@ def main(
         print(f"eddy: {exc}", file=sys.stderr)
         return 2
     except FAILED as exc:  # a server away, or a schema never migrated: say which
-        return cannot(settings, f"run `eddy {args.command}`", exc)
+        return cannot(settings, DOING.get(args.command, f"run `eddy {args.command}`"), exc)

@@ -28,12 +28,16 @@ from streams.process_managers import ProcessManager
 
 @dataclass(frozen=True, eq=False)
 class System:
-    contexts: tuple[Context, ...]
     catalog: Catalog
     projections: tuple[Projection, ...]
     """The read models, each with the queries of the views it serves, then the archive."""
     views: tuple[View, ...]
     process_managers: tuple[ProcessManager, ...]
+
+    @property
+    def contexts(self) -> tuple[Context, ...]:
+        """Its contexts: those its read models read, in order (the catalog's)."""
+        return self.catalog.contexts
 
     @classmethod
     def of(
@@ -58,7 +62,7 @@ class System:
             if unknown := set(manager.contexts) - set(found):
                 raise ConfigurationError(f"{manager.name} reads unknown contexts {unknown}")
         check_invalidations(projections)
-        return cls(every, Catalog(every), projections, tuple(views), tuple(process_managers))
+        return cls(Catalog(every), projections, tuple(views), tuple(process_managers))
 
     def projector_hooks(self, pool: Pool, view_debounce_s: float) -> tuple[Hooks, Refresher]:
         """What every batch of a projection does besides its rows: move the

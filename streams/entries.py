@@ -30,8 +30,7 @@ def positioned(envelope: Envelope, shard: Shard, entry_id: str) -> Envelope:
 def read_written(shard: Shard, entry_id: str, raw: bytes) -> Envelope:
     """The event an entry of `shard`'s event stream holds (its `e` field), with its
     position, as it was written."""
-    envelope = envelope_decoder.decode(raw)
-    return msgspec.structs.replace(envelope, position=event_position(shard, entry_id))
+    return positioned(envelope_decoder.decode(raw), shard, entry_id)
 
 
 def read_event(shard: Shard, entry_id: str, raw: bytes, catalog: Catalog) -> Envelope:
